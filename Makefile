@@ -1,0 +1,32 @@
+# One entry point for every routine. `make run` and `make test` set up what they need first.
+SHELL := /bin/bash
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := .venv
+PY := .venv/bin/python
+UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
+
+.PHONY: setup run test lint bench clean
+
+.venv/.synced: pyproject.toml uv.lock
+	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==0.13.9"
+	$(UV) sync --frozen --python python3.11
+	@touch $@
+
+setup: .venv/.synced
+
+run: setup
+	.venv/bin/piston-gateway dev
+
+test: setup
+	.venv/bin/pytest
+
+lint: setup
+	.venv/bin/ruff check app tests bench
+	.venv/bin/ruff format --check app tests bench
+	.venv/bin/mypy
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

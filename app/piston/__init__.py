@@ -1,0 +1,1 @@
+"""The upstream world: Piston's request and response shapes, runtime resolution, the client."""

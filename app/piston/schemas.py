@@ -1,0 +1,197 @@
+"""Piston's execute request: parsing with Piston's own 400 messages, decoding, limit checks.
+
+Used by the gateway and by the embedded engine, so a bad request gets the same answer from both.
+The checks run in Piston's order (`api/v2.js: get_job`), then the ones Piston leaves to the job
+(file names, encodings) are done up front so that nothing invalid reaches an upstream.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import posixpath
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from app.errors import BadRequest
+from app.settings import StageCaps
+
+__all__ = [
+    "ENCODINGS",
+    "LIMIT_FIELDS",
+    "ExecuteRequest",
+    "PistonFile",
+    "decode_content",
+    "enforce_caps",
+    "parse_execute",
+    "require_utf8_file",
+]
+
+Encoding = Literal["utf8", "base64", "hex"]
+ENCODINGS: tuple[Encoding, ...] = ("utf8", "base64", "hex")
+LIMIT_FIELDS = StageCaps.FIELDS
+
+
+@dataclass(frozen=True, slots=True)
+class PistonFile:
+    content: str
+    name: str | None = None
+    encoding: Encoding = "utf8"
+
+    def as_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"content": self.content, "encoding": self.encoding}
+        if self.name is not None:
+            data["name"] = self.name
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class ExecuteRequest:
+    """A syntactically valid execute body. Limits are None when the client left them out."""
+
+    language: str
+    version: str
+    files: tuple[PistonFile, ...]
+    stdin: str = ""
+    args: tuple[str, ...] = ()
+    limits: Mapping[str, int | None] = field(default_factory=dict)
+
+    def limit(self, name: str) -> int | None:
+        return self.limits.get(name)
+
+    def as_json(self) -> dict[str, Any]:
+        """The body to forward: every field explicit, limits only where set."""
+        data: dict[str, Any] = {
+            "language": self.language,
+            "version": self.version,
+            "files": [f.as_json() for f in self.files],
+            "stdin": self.stdin,
+            "args": list(self.args),
+        }
+        for name in LIMIT_FIELDS:
+            value = self.limits.get(name)
+            if value is not None:
+                data[name] = value
+        return data
+
+
+def decode_content(file: PistonFile) -> bytes:
+    """The file's bytes; raises ValueError if the content does not decode."""
+    if file.encoding == "base64":
+        return base64.b64decode(file.content, validate=True)
+    if file.encoding == "hex":
+        return bytes.fromhex(file.content)
+    return file.content.encode("utf-8")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _safe_name(name: str) -> bool:
+    if not name or name.startswith("/") or "\x00" in name:
+        return False
+    normalised = posixpath.normpath(name)
+    return normalised not in (".", "..") and not normalised.startswith("../")
+
+
+def _parse_file(index: int, raw: object) -> PistonFile:
+    if not isinstance(raw, dict):
+        raise BadRequest(f"files[{index}] must be an object with a content string")
+    content = raw.get("content")
+    if not isinstance(content, str):
+        raise BadRequest(f"files[{index}].content is required as a string")
+    name = raw.get("name")
+    if name is not None:
+        if not isinstance(name, str):
+            raise BadRequest(f"files[{index}].name must be a string")
+        if not _safe_name(name):
+            raise BadRequest(
+                f"files[{index}].name must be a relative path inside the job folder "
+                "(no leading '/', no '..')"
+            )
+    encoding = raw.get("encoding") or "utf8"
+    if encoding not in ENCODINGS:
+        raise BadRequest(f"files[{index}].encoding must be one of utf8, base64, hex")
+    file = PistonFile(content=content, name=name, encoding=encoding)
+    try:
+        decode_content(file)
+    except (ValueError, binascii.Error):
+        raise BadRequest(f"files[{index}].content is not valid {encoding}") from None
+    return file
+
+
+def parse_execute(body: object, *, max_files: int | None = None) -> ExecuteRequest:
+    """Check an execute body the way Piston does, plus the checks Piston leaves to the job."""
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    language = body.get("language")
+    if not language or not isinstance(language, str):
+        raise BadRequest("language is required as a string")
+    version = body.get("version")
+    if not version or not isinstance(version, str):
+        raise BadRequest("version is required as a string")
+    raw_files = body.get("files")
+    if not isinstance(raw_files, list):
+        raise BadRequest("files is required as an array")
+    if not raw_files:
+        raise BadRequest("files must include at least one file")
+    if max_files is not None and len(raw_files) > max_files:
+        raise BadRequest(f"files cannot hold more than {max_files} files")
+    files = tuple(_parse_file(i, raw) for i, raw in enumerate(raw_files))
+
+    stdin = body.get("stdin")
+    if stdin is None:
+        stdin = ""
+    if not isinstance(stdin, str):
+        raise BadRequest("stdin must be a string")
+    args = body.get("args")
+    if args is None:
+        args = []
+    if not isinstance(args, list) or not all(isinstance(arg, str) for arg in args):
+        raise BadRequest("args must be an array of strings")
+
+    limits: dict[str, int | None] = {}
+    for name in LIMIT_FIELDS:
+        value = body.get(name)
+        if value is None:
+            limits[name] = None
+            continue
+        if not _is_number(value):
+            raise BadRequest(f"If specified, {name} must be a number")
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise BadRequest(f"If specified, {name} must be a whole number")
+            value = int(value)
+        limits[name] = int(value)
+
+    return ExecuteRequest(
+        language=language,
+        version=version,
+        files=files,
+        stdin=stdin,
+        args=tuple(args),
+        limits=limits,
+    )
+
+
+def require_utf8_file(request: ExecuteRequest) -> None:
+    """Piston needs one utf8 file to run (the first one is the entry point)."""
+    if not any(f.encoding == "utf8" for f in request.files):
+        raise BadRequest("files must include at least one utf8 encoded file")
+
+
+def enforce_caps(request: ExecuteRequest, caps: Mapping[str, int]) -> None:
+    """Piston's limit checks against configured maximums (a cap <= 0 means no cap)."""
+    for name in LIMIT_FIELDS:
+        value = request.limits.get(name)
+        if not value:  # Piston skips 0 and absent values alike
+            continue
+        cap = caps.get(name, -1)
+        if cap > 0 and value > cap:
+            raise BadRequest(f"{name} cannot exceed the configured limit of {cap}")
+        # -1 asks for "unlimited" memory, which only an uncapped limit can grant.
+        unlimited_memory = value == -1 and name.endswith("memory_limit") and cap <= 0
+        if value < 0 and not unlimited_memory:
+            raise BadRequest(f"{name} must be non-negative")

@@ -1,0 +1,112 @@
+"""The gateway's settings: environment variables prefixed GATEWAY_, or an optional .env file.
+
+Everything is validated when the process starts, so a typo fails the boot, not the first request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated, Literal
+
+from limits import parse_many
+from pydantic import AnyHttpUrl, Field, RedisDsn, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["Settings", "StageCaps"]
+
+NonNegative = Annotated[int, Field(ge=0)]
+Positive = Annotated[int, Field(gt=0)]
+
+
+def _split_commas(value: object) -> object:
+    """Accept `a,b,c` from the environment as well as a real list (tests, .env)."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class StageCaps:
+    """Names of the six per-request limits Piston accepts, in Piston's own order."""
+
+    FIELDS: tuple[str, ...] = (
+        "compile_memory_limit",
+        "run_memory_limit",
+        "compile_timeout",
+        "run_timeout",
+        "compile_cpu_time",
+        "run_cpu_time",
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    # Upstreams and stores.
+    piston_urls: Annotated[list[AnyHttpUrl], NoDecode] = Field(
+        default_factory=lambda: [AnyHttpUrl("http://127.0.0.1:2000")], min_length=1
+    )
+    redis_url: RedisDsn | None = None
+    admin_key: SecretStr | None = None
+
+    # Policy.
+    allowed_languages: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
+    max_body_bytes: Positive = 65_536  # below Piston's own 100 KB body limit
+    max_files: Positive = 32
+    # Global maximums for the per-request limits (ms, bytes; -1 = no cap beyond Piston's own).
+    max_compile_timeout: int = Field(default=10_000, ge=-1)
+    max_run_timeout: int = Field(default=3_000, ge=-1)
+    max_compile_cpu_time: int = Field(default=10_000, ge=-1)
+    max_run_cpu_time: int = Field(default=3_000, ge=-1)
+    max_compile_memory_limit: int = Field(default=-1, ge=-1)
+    max_run_memory_limit: int = Field(default=-1, ge=-1)
+
+    # Rate limits, concurrency, quotas.
+    default_rate_limit: str = "60/minute"
+    rate_limit_strategy: Literal["fixed-window", "moving-window"] = "fixed-window"
+    rate_limit_fail_open: bool = False
+    auth_failure_rate_limit: str = "20/minute"
+    trusted_proxies: Annotated[
+        list[ipaddress.IPv4Network | ipaddress.IPv6Network], NoDecode
+    ] = Field(default_factory=list)
+    max_concurrency: Positive = 64
+    max_queue: NonNegative = 256
+    queue_timeout_ms: NonNegative = 10_000
+
+    # Result cache.
+    cache_ttl_seconds: NonNegative = 3_600
+    cache_scope: Literal["tenant", "global"] = "tenant"
+
+    # Upstream behaviour.
+    upstream_grace_ms: NonNegative = 2_000
+    upstream_connect_timeout_ms: Positive = 2_000
+    runtimes_refresh_seconds: Positive = 60
+    key_cache_seconds: Positive = 30
+
+    # HTTP surface.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    _split = field_validator(
+        "piston_urls", "allowed_languages", "cors_origins", "trusted_proxies", mode="before"
+    )(_split_commas)
+
+    @field_validator("default_rate_limit", "auth_failure_rate_limit")
+    @classmethod
+    def _valid_rate_limit(cls, value: str) -> str:
+        try:
+            parse_many(value)
+        except ValueError as exc:
+            raise ValueError(f"not a rate limit like '60/minute' or '10/second;500/hour': {exc}")
+        return value
+
+    @field_validator("allowed_languages")
+    @classmethod
+    def _languages_lowercase(cls, value: list[str]) -> list[str]:
+        return [item.lower() for item in value] or ["*"]
+
+    @property
+    def global_caps(self) -> dict[str, int]:
+        """The global maximum of each per-request limit, by Piston field name."""
+        return {name: getattr(self, f"max_{name}") for name in StageCaps.FIELDS}
