@@ -43,10 +43,18 @@ class GatewayError(Exception):
 
     status_code: ClassVar[int] = 500
 
-    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        status_code: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.headers: dict[str, str] = dict(headers or {})
+        if status_code is not None:
+            self.status_code = status_code  # type: ignore[misc]  # an upstream's own 4xx
 
 
 class BadRequest(GatewayError):

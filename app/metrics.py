@@ -1,0 +1,49 @@
+"""The gateway's Prometheus families (prefix `pgw_`), on a registry of the app's own.
+
+A registry per app (not the global default) lets tests build several apps in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics"]
+
+_DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "pgw_requests_total", "HTTP requests answered", ["route", "status"],
+            registry=self.registry,
+        )
+        self.execute_duration = Histogram(
+            "pgw_execute_duration_seconds", "Time to answer an execute, cache hits included",
+            ["language"], buckets=_DURATION_BUCKETS, registry=self.registry,
+        )
+        self.cache = Counter(
+            "pgw_cache_total", "Result cache outcomes", ["outcome"], registry=self.registry
+        )
+        self.rejected = Counter(
+            "pgw_rejected_total", "Requests refused by a limit", ["reason"],
+            registry=self.registry,
+        )
+        self.upstream_errors = Counter(
+            "pgw_upstream_errors_total", "Failed upstream calls", ["upstream", "kind"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "pgw_executions_in_flight", "Executions sent upstream and not yet answered",
+            registry=self.registry,
+        )
+        self.tenant_executions = Counter(
+            "pgw_tenant_executions_total", "Executions answered, per tenant", ["tenant"],
+            registry=self.registry,
+        )
+        # Touch the label sets a dashboard expects, so they read 0 rather than missing.
+        for reason in ("rate_limit", "concurrency", "quota", "overload"):
+            self.rejected.labels(reason=reason)
+        for outcome in ("hit", "miss", "bypass"):
+            self.cache.labels(outcome=outcome)
