@@ -1,0 +1,49 @@
+"""What the lifespan opens, hung on `app.state.gateway`, and the Annotated accessors routes use.
+
+No module-level singletons: every app (each test builds its own) carries its own clients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import Depends, Request
+from redis.asyncio import Redis
+
+from app.metrics import Metrics
+from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.cache import SingleFlight
+    from app.limits import AuthFailureLimiter, Gate, UpstreamSlots
+    from app.piston.client import PistonPool
+    from app.piston.runtimes import RuntimeCatalog
+    from app.tenancy.auth import Authenticator
+    from app.tenancy.store import TenantStore
+
+__all__ = ["AppState", "StateDep", "get_state"]
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    metrics: Metrics
+    redis: Redis | None
+    pool: PistonPool
+    catalog: RuntimeCatalog
+    store: TenantStore
+    authenticator: Authenticator
+    gate: Gate
+    slots: UpstreamSlots
+    flights: SingleFlight
+    auth_failures: AuthFailureLimiter
+    extras: dict[str, Any]
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.gateway
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
