@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
 import typer
 
 __all__ = ["app", "main"]
@@ -11,7 +19,47 @@ app = typer.Typer(
     help="API keys, tenants, rate limits and a result cache in front of Piston.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code=1)
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    workers: int | None = typer.Option(
+        None, min=1, help="Worker processes (default: $WEB_CONCURRENCY or 1)."
+    ),
+) -> None:
+    """Run the gateway (uvicorn). Settings come from GATEWAY_* variables or .env."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from app.logging import configure_logging
+    from app.settings import Settings
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        raise _fail(f"invalid settings:\n{exc}") from None
+    configure_logging(settings.log_level)
+    os.environ["PGW_JSON_LOGS"] = "1"  # worker processes configure the same JSON logs
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,  # X-Forwarded-For is trusted only per GATEWAY_TRUSTED_PROXIES
+    )
 
 
 @app.command()
@@ -25,5 +73,84 @@ def engine(
     run(host=host, port=port)
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _engine_process(port: int) -> Iterator[str]:
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, "-m", "app", "engine", "--port", str(port)])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise _fail("the embedded engine did not start (see its message above)")
+            try:
+                if httpx.get(f"{url}/api/v2/runtimes", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise _fail("the embedded engine did not answer within 30 s")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@app.command()
+def dev(
+    host: str = typer.Option("127.0.0.1", help="Address for the gateway."),
+    port: int = typer.Option(8000, help="Port for the gateway."),
+    engine_port: int = typer.Option(2000, help="Port for the embedded engine (a free one if taken)."),
+) -> None:
+    """The embedded engine and the gateway together, with a dev tenant and key printed at start."""
+    import uvicorn
+
+    from app.devstack import dev_settings, print_dev_banner
+    from app.logging import configure_logging
+    from app.main import create_app
+
+    if not _port_free(port):
+        raise _fail(f"port {port} is taken; pass --port")
+    chosen = engine_port if _port_free(engine_port) else _free_port()
+    with _engine_process(chosen) as engine_url:
+        settings = dev_settings(engine_url)
+        configure_logging(settings.log_level)
+        gateway = create_app(settings)
+        gateway.state.on_started = [print_dev_banner(f"http://{host}:{port}")]
+        uvicorn.run(gateway, host=host, port=port, log_config=None, access_log=False)
+
+
+def _register_admin_commands() -> None:
+    with contextlib.suppress(ImportError):
+        from app.tenancy.cli import keys_app, tenants_app
+
+        app.add_typer(tenants_app, name="tenants", help="Create, list and show tenants.")
+        app.add_typer(keys_app, name="keys", help="Mint, list and revoke API keys.")
+
+
+_register_admin_commands()
+
+
 def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     app()

@@ -17,6 +17,7 @@ import orjson
 import structlog
 
 from app.errors import BadGateway, GatewayError, GatewayTimeout, ServiceUnavailable
+from app.metrics import Metrics
 from app.piston.resolve import Runtime
 
 __all__ = ["PistonPool", "Upstream", "UpstreamAnswer", "upstream_error"]
@@ -112,8 +113,10 @@ class PistonPool:
         *,
         connect_timeout: float,
         refresh_seconds: float,
+        metrics: Metrics | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        self._metrics = metrics
         limits = httpx.Limits(max_connections=512, max_keepalive_connections=128)
         self.upstreams = [
             Upstream(
@@ -131,6 +134,10 @@ class PistonPool:
         self._refresh_seconds = refresh_seconds
         self._refresher: asyncio.Task[None] | None = None
         self.version = 0  # bumped whenever the runtime set changes
+
+    def _count_error(self, upstream: Upstream, kind: str) -> None:
+        if self._metrics is not None:
+            self._metrics.upstream_errors.labels(upstream=upstream.url, kind=kind).inc()
 
     async def start(self) -> None:
         await self.refresh()
@@ -233,14 +240,17 @@ class PistonPool:
                 # A refused connection means the job never started: safe to try the next one.
                 upstream.healthy = False
                 upstream.last_error = type(exc).__name__
+                self._count_error(upstream, "unreachable")
                 log.warning("upstream_unreachable", upstream=upstream.url)
                 continue
             except httpx.TimeoutException:
+                self._count_error(upstream, "timeout")
                 log.warning("upstream_timeout", upstream=upstream.url, path=path)
                 raise GatewayTimeout(
                     "the upstream did not answer within the stage timeouts"
                 ) from None
             except httpx.HTTPError as exc:
+                self._count_error(upstream, "transport")
                 log.warning("upstream_error", upstream=upstream.url, error=type(exc).__name__)
                 raise BadGateway("the upstream connection failed mid-answer") from None
             finally:
@@ -248,6 +258,11 @@ class PistonPool:
             if runtime is None:
                 return UpstreamAnswer(response.status_code, response.content)
             if response.status_code != 200:
+                self._count_error(upstream, f"status_{response.status_code // 100}xx")
                 raise upstream_error(response.status_code, response.content)
-            return read_execute_answer(response.status_code, response.content)
+            try:
+                return read_execute_answer(response.status_code, response.content)
+            except BadGateway:
+                self._count_error(upstream, "malformed")
+                raise
         raise ServiceUnavailable("no upstream Piston is reachable; try again shortly")

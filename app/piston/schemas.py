@@ -14,11 +14,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from app.errors import BadRequest
 from app.settings import StageCaps
 
 __all__ = [
     "ENCODINGS",
+    "EXECUTE_REQUEST_SCHEMA",
+    "EXECUTE_RESPONSE_SCHEMA",
     "LIMIT_FIELDS",
     "ExecuteRequest",
     "PistonFile",
@@ -195,3 +199,70 @@ def enforce_caps(request: ExecuteRequest, caps: Mapping[str, int]) -> None:
         unlimited_memory = value == -1 and name.endswith("memory_limit") and cap <= 0
         if value < 0 and not unlimited_memory:
             raise BadRequest(f"{name} must be non-negative")
+
+
+# Documentation models: the execute route parses bodies itself (Piston's messages, one pass), so
+# these only describe the shapes on the docs page.
+class _FileDoc(BaseModel):
+    name: str | None = Field(None, examples=["main.py"])
+    content: str = Field(examples=["print(input())"])
+    encoding: Encoding = "utf8"
+
+
+class _ExecuteDoc(BaseModel):
+    language: str = Field(examples=["python"], description="Name or alias")
+    version: str = Field(examples=["3.x"], description="npm-style semver selector")
+    files: list[_FileDoc]
+    stdin: str = Field("", examples=["hello"])
+    args: list[str] = Field(default_factory=list)
+    compile_timeout: int | None = Field(None, description="ms")
+    run_timeout: int | None = Field(None, description="ms")
+    compile_cpu_time: int | None = Field(None, description="ms")
+    run_cpu_time: int | None = Field(None, description="ms")
+    compile_memory_limit: int | None = Field(None, description="bytes, -1 for no limit")
+    run_memory_limit: int | None = Field(None, description="bytes, -1 for no limit")
+
+
+class _StageDoc(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    stdout: str
+    stderr: str
+    output: str
+    code: int | None
+    signal: str | None
+    message: str | None = None
+    status: str | None = Field(None, description="RE, SG, TO, OL, EL, XX or null")
+    cpu_time: int | None = None
+    wall_time: int | None = None
+    memory: int | None = None
+
+
+class _ExecuteAnswerDoc(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    language: str
+    version: str
+    run: _StageDoc
+    compile: _StageDoc | None = None
+
+
+def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema with `$defs` inlined, fit for `openapi_extra`."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        return node
+
+    inlined: dict[str, Any] = inline(schema)
+    return inlined
+
+
+EXECUTE_REQUEST_SCHEMA = _inline_schema(_ExecuteDoc)
+EXECUTE_RESPONSE_SCHEMA = _inline_schema(_ExecuteAnswerDoc)

@@ -1,0 +1,234 @@
+"""Piston's v2 API, served to keyed clients: execute, runtimes, packages.
+
+Every path also answers with a trailing slash (aiopyston calls `execute/`), without a redirect.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from app.cache import cache_digest, cache_key, cache_mode
+from app.errors import BadGateway, GatewayError, ServiceUnavailable, message_responses
+from app.http import json_response, read_json_body
+from app.piston.client import UpstreamAnswer, upstream_error
+from app.piston.schemas import EXECUTE_REQUEST_SCHEMA, EXECUTE_RESPONSE_SCHEMA, parse_execute
+from app.policy import effective_caps, effective_request, language_allowed
+from app.state import AppState, StateDep
+from app.tenancy.auth import PrincipalDep, require_scope
+from app.tenancy.models import Principal
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/api/v2", tags=["piston"])
+
+# Piston's own defaults, for the upstream deadline when a stage is left uncapped.
+_PISTON_DEFAULT_MS = {"compile_timeout": 10_000, "run_timeout": 3_000}
+_LEASE_SLACK_MS = 5_000
+
+
+def _route(method: str, path: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
+    """Register `path` and `path/`; only the first appears on the docs page."""
+
+    def register(endpoint: Callable[..., Any]) -> Any:
+        router.add_api_route(path, endpoint, methods=[method], **kwargs)
+        slash_kwargs = {**kwargs, "include_in_schema": False}
+        router.add_api_route(path + "/", endpoint, methods=[method], **slash_kwargs)
+        return endpoint
+
+    return register
+
+
+def _cache_headers(headers: dict[str, str], outcome: str) -> dict[str, str]:
+    return {**headers, "X-Cache": outcome}
+
+
+def _stage_deadline_ms(limits: Mapping[str, int | None]) -> int:
+    """How long Piston may take at most: both stages' timeouts (its defaults where unset)."""
+    total = 0
+    for name, default in _PISTON_DEFAULT_MS.items():
+        value = limits.get(name)
+        total += value if value is not None and value > 0 else default
+    return total
+
+
+async def _run_upstream(
+    state: AppState, body: bytes, *, runtime: Any, language: str, tenant: str, deadline_s: float
+) -> UpstreamAnswer:
+    async with state.slots.acquire():
+        started = time.perf_counter()
+        state.metrics.in_flight.inc()
+        try:
+            return await state.pool.execute(body, runtime=runtime, read_timeout=deadline_s)
+        finally:
+            state.metrics.in_flight.dec()
+            state.metrics.execute_duration.labels(language=language).observe(
+                time.perf_counter() - started
+            )
+
+
+@_route(
+    "POST",
+    "/execute",
+    dependencies=[Depends(require_scope("execute"))],
+    responses={
+        200: {"description": "Piston's answer, unchanged", "content": {
+            "application/json": {"schema": EXECUTE_RESPONSE_SCHEMA}}},
+        **message_responses(400, 401, 403, 413, 415, 429, 502, 503, 504),
+    },
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": EXECUTE_REQUEST_SCHEMA}}}},
+)
+async def execute(request: Request, principal: PrincipalDep, state: StateDep) -> Response:
+    """Run code, exactly as Piston's POST /api/v2/execute (answers carry X-Cache)."""
+    settings = state.settings
+    tenant = principal.tenant
+    body = await read_json_body(request, settings.max_body_bytes)
+    parsed = parse_execute(body, max_files=settings.max_files)
+    runtime = state.catalog.resolve(parsed.language, parsed.version)
+    effective = effective_request(
+        tenant,
+        parsed,
+        runtime,
+        global_languages=settings.allowed_languages,
+        caps=effective_caps(tenant, settings),
+    )
+    mode = cache_mode(
+        ttl_seconds=settings.cache_ttl_seconds,
+        tenant_cache=tenant.cache,
+        cache_control=request.headers.get("cache-control"),
+    )
+    digest = (
+        cache_digest(effective, tenant_id=tenant.id if settings.cache_scope == "tenant" else None)
+        if mode.store
+        else None
+    )
+    key = cache_key(digest) if digest else None
+    deadline_ms = _stage_deadline_ms(effective.limits) + settings.upstream_grace_ms
+    admission = await state.gate.admit(
+        tenant, cache_key=key if mode.lookup else None, lease_ttl_ms=deadline_ms + _LEASE_SLACK_MS
+    )
+    if admission.cached is not None:
+        state.metrics.cache.labels(outcome="hit").inc()
+        state.metrics.tenant_executions.labels(tenant=tenant.id).inc()
+        return Response(
+            admission.cached, headers=_cache_headers(admission.headers, "HIT"),
+            media_type="application/json",
+        )
+
+    forward = orjson.dumps(effective.as_json())
+    deadline_s = deadline_ms / 1000
+
+    async def run() -> UpstreamAnswer:
+        return await _run_upstream(
+            state, forward, runtime=runtime, language=runtime.language, tenant=tenant.id,
+            deadline_s=deadline_s,
+        )
+
+    try:
+        if key is not None and digest is not None:
+            ttl = settings.cache_ttl_seconds
+
+            async def store(answer: UpstreamAnswer) -> None:
+                if answer.cacheable:
+                    await state.gate.store(key, answer.body, ttl)
+
+            result = await state.flights.run(
+                digest,
+                deadline_s=deadline_s + settings.queue_timeout_ms / 1000,
+                lock_ttl_ms=deadline_ms + _LEASE_SLACK_MS,
+                execute=run,
+                read_cached=lambda: state.gate.read(key),
+                on_result=store,
+            )
+        else:
+            result = await run()
+    except GatewayError as exc:
+        await state.gate.finish(admission, error=True, cpu_time_ms=0, wall_time_ms=0)
+        exc.headers = {**admission.headers, **exc.headers}
+        raise
+    outcome = mode.label
+    state.metrics.cache.labels(outcome=outcome.lower()).inc()
+    state.metrics.tenant_executions.labels(tenant=tenant.id).inc()
+    if isinstance(result, bytes):  # another process ran it and stored the answer meanwhile
+        await state.gate.finish(admission, error=False, cpu_time_ms=0, wall_time_ms=0)
+        return Response(result, headers=_cache_headers(admission.headers, outcome),
+                        media_type="application/json")
+    await state.gate.finish(
+        admission, error=False, cpu_time_ms=result.cpu_time_ms, wall_time_ms=result.wall_time_ms
+    )
+    return Response(
+        result.body, status_code=result.status_code,
+        headers=_cache_headers(admission.headers, outcome), media_type="application/json",
+    )
+
+
+def _visible(principal: Principal, state: AppState, language: str) -> bool:
+    return language_allowed(
+        language, state.settings.allowed_languages, principal.tenant.allowed_languages
+    )
+
+
+@_route(
+    "GET",
+    "/runtimes",
+    dependencies=[Depends(require_scope("execute"))],
+    responses=message_responses(401, 403, 503),
+)
+async def runtimes(principal: PrincipalDep, state: StateDep) -> Response:
+    """The runtimes this key may use, in Piston's shape."""
+    available = state.catalog.runtimes
+    if not available:
+        raise ServiceUnavailable("no upstream Piston is reachable; try again shortly")
+    return json_response(
+        [rt.as_json() for rt in available if _visible(principal, state, rt.language)]
+    )
+
+
+@_route("GET", "/packages", responses=message_responses(401, 502, 503, 504))
+async def packages(principal: PrincipalDep, state: StateDep) -> Response:
+    """The upstream's packages, without those this key may not use."""
+    status, body = await state.pool.forward("GET", "/api/v2/packages")
+    if status != 200:
+        raise upstream_error(status, body)
+    try:
+        listed = orjson.loads(body)
+        visible = [
+            pkg for pkg in listed if _visible(principal, state, str(pkg.get("language", "")))
+        ]
+    except (orjson.JSONDecodeError, AttributeError, TypeError):
+        raise BadGateway("the upstream answered its package list with garbage") from None
+    return json_response(visible)
+
+
+async def _forward_package_change(request: Request, state: AppState) -> Response:
+    body = await read_json_body(request, state.settings.max_body_bytes)
+    status, answer = await state.pool.forward(
+        request.method, "/api/v2/packages", orjson.dumps(body), read_timeout=600.0
+    )
+    if status >= 400:
+        raise upstream_error(status, answer)
+    return Response(answer, status_code=status, media_type="application/json")
+
+
+_ADMIN_PACKAGES: dict[str, Any] = {
+    "dependencies": [Depends(require_scope("admin"))],
+    "responses": message_responses(400, 401, 403, 404, 413, 415, 502, 503, 504),
+}
+
+
+@_route("POST", "/packages", **_ADMIN_PACKAGES)
+async def install_package(request: Request, state: StateDep) -> Response:
+    """Install a language package on the upstream (scope `admin`)."""
+    return await _forward_package_change(request, state)
+
+
+@_route("DELETE", "/packages", **_ADMIN_PACKAGES)
+async def uninstall_package(request: Request, state: StateDep) -> Response:
+    """Remove a language package from the upstream (scope `admin`)."""
+    return await _forward_package_change(request, state)

@@ -1,0 +1,200 @@
+"""create_app(settings): the gateway app, and the lifespan that opens and closes every client."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
+from redis.asyncio import Redis
+
+from app import __version__
+from app.cache import SingleFlight
+from app.errors import install_error_handlers
+from app.http import RequestContextMiddleware
+from app.logging import configure_logging
+from app.limits import AuthFailureLimiter, UpstreamSlots, create_gate
+from app.metrics import Metrics
+from app.piston.client import PistonPool
+from app.piston.runtimes import RuntimeCatalog
+from app.settings import Settings
+from app.state import AppState
+from app.tenancy.auth import Authenticator
+from app.tenancy.store import create_store
+
+__all__ = ["create_app", "open_redis"]
+
+_LOGGING_FLAG = "PGW_JSON_LOGS"
+
+log = structlog.get_logger(__name__)
+
+EXPOSED_HEADERS = [
+    "X-Request-ID",
+    "X-Cache",
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+    "RateLimit-Policy",
+    "RateLimit",
+    "Retry-After",
+]
+
+DESCRIPTION = """
+A gateway in front of [Piston](https://github.com/engineer-man/piston) that speaks Piston's own
+v2 API and adds API keys, tenants with language allow-lists and caps, rate limits that hold
+across replicas, daily quotas and a result cache.
+
+Present a key as `Authorization: Bearer <key>`, `X-API-Key: <key>`, or a bare
+`Authorization: <key>`. Every error is `{"message": "..."}`.
+"""
+
+
+def open_redis(url: str, *, name: str) -> Redis:
+    """One pool per process, short timeouts so an outage is answered quickly, never hung on."""
+    client: Redis = Redis.from_url(
+        url,
+        socket_connect_timeout=0.5,
+        socket_timeout=1.0,
+        health_check_interval=15,
+        retry_on_timeout=False,
+        client_name=f"{name}-{os.getpid()}",
+        max_connections=256,
+    )
+    return client
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    metrics: Metrics = app.state.metrics
+    redis = open_redis(str(settings.redis_url), name="pgw-gateway") if settings.redis_url else None
+    if redis is None:
+        log.warning(
+            "no_redis",
+            detail="GATEWAY_REDIS_URL is unset: tenants, keys, limits and the cache live in this"
+            " process only. Fine for one process in development; set it for anything else.",
+        )
+    pool = PistonPool(
+        [str(url) for url in settings.piston_urls],
+        connect_timeout=settings.upstream_connect_timeout_ms / 1000,
+        refresh_seconds=settings.runtimes_refresh_seconds,
+        metrics=metrics,
+        transport=app.state.upstream_transport,
+    )
+    store = create_store(redis)
+    authenticator = Authenticator(
+        store,
+        admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
+        redis=redis,
+        cache_seconds=settings.key_cache_seconds,
+    )
+    state = AppState(
+        settings=settings,
+        metrics=metrics,
+        redis=redis,
+        pool=pool,
+        catalog=RuntimeCatalog(pool),
+        store=store,
+        authenticator=authenticator,
+        gate=create_gate(redis, settings=settings, metrics=metrics),
+        slots=UpstreamSlots(
+            settings.max_concurrency,
+            max_queue=settings.max_queue,
+            queue_timeout_ms=settings.queue_timeout_ms,
+            metrics=metrics,
+        ),
+        flights=SingleFlight(redis, metrics=metrics),
+        auth_failures=AuthFailureLimiter(settings=settings, redis_url=settings.redis_url),
+        extras={},
+    )
+    app.state.gateway = state
+    await pool.start()
+    await authenticator.start()
+    await state.flights.start()
+    for on_started in getattr(app.state, "on_started", ()):
+        await on_started(state)
+    log.info(
+        "gateway_started",
+        upstreams=[u.url for u in pool.upstreams],
+        healthy=sum(u.healthy for u in pool.upstreams),
+        redis=bool(redis),
+    )
+    try:
+        yield
+    finally:
+        await state.flights.close()
+        await authenticator.close()
+        await state.auth_failures.close()
+        await pool.close()
+        if redis is not None:
+            await redis.aclose()
+
+
+def _document_key_schemes(app: FastAPI) -> None:
+    """Both ways of presenting a key, on every route unless it says `security: []`."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description,
+                routes=app.routes,
+            )
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer",
+                           "description": "Authorization: Bearer pgw_..."},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            }
+            schema["security"] = [{"bearer": []}, {"apiKey": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def create_app(
+    settings: Settings | None = None, *, upstream_transport: Any | None = None
+) -> FastAPI:
+    """Build the gateway. `upstream_transport` lets fault tests put a fake Piston behind it."""
+    settings = settings or Settings()
+    if os.environ.get(_LOGGING_FLAG):
+        # Set by `serve` so that each worker process (a fresh interpreter) logs JSON too; tests
+        # leave logging alone so pytest can capture it.
+        configure_logging(settings.log_level)
+    metrics = Metrics()
+    app = FastAPIOffline(
+        title="piston-gateway",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=_lifespan,
+        redirect_slashes=False,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.upstream_transport = upstream_transport
+    install_error_handlers(app)
+
+    from app.api import admin, ops, piston  # routers only; they import the modules above
+
+    app.include_router(piston.router)
+    app.include_router(admin.router)
+    app.include_router(ops.router)
+
+    _document_key_schemes(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "Cache-Control",
+                           "X-Request-ID"],
+            expose_headers=EXPOSED_HEADERS,
+            max_age=600,
+        )
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,68 @@
+"""The request policy: allow-lists and caps turn a parsed request into the effective request.
+
+One pure function, so what is forwarded, cached and counted is decided in one place and can be
+tested over a table of cases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from app.errors import Forbidden
+from app.piston.resolve import Runtime
+from app.piston.schemas import LIMIT_FIELDS, ExecuteRequest, enforce_caps
+from app.settings import Settings
+from app.tenancy.models import Tenant
+
+__all__ = ["effective_caps", "effective_request", "language_allowed"]
+
+
+def language_allowed(language: str, *allow_lists: Sequence[str]) -> bool:
+    """True when every list allows the canonical language (`*` allows all)."""
+    return all("*" in allowed or language in allowed for allowed in allow_lists)
+
+
+def _tightest(*caps: int | None) -> int:
+    """The smallest real cap; -1 (none) when no level sets one."""
+    real = [cap for cap in caps if cap is not None and cap > 0]
+    return min(real) if real else -1
+
+
+def effective_caps(tenant: Tenant, settings: Settings) -> dict[str, int]:
+    """Each limit's cap for this tenant: its own `max_*`, under the global maximum."""
+    global_caps = settings.global_caps
+    return {
+        name: _tightest(getattr(tenant, f"max_{name}"), global_caps[name]) for name in LIMIT_FIELDS
+    }
+
+
+def effective_request(
+    tenant: Tenant,
+    request: ExecuteRequest,
+    runtime: Runtime,
+    *,
+    global_languages: Sequence[str],
+    caps: Mapping[str, int],
+) -> ExecuteRequest:
+    """The request as it will run: canonical runtime, allowed, every capped limit filled in.
+
+    Raises Forbidden for a language outside either allow-list and BadRequest (Piston's wording)
+    for a limit above its cap or negative.
+    """
+    if not language_allowed(runtime.language, global_languages, tenant.allowed_languages):
+        raise Forbidden(f"language '{runtime.language}' is not allowed for this key")
+    enforce_caps(request, caps)
+    limits: dict[str, int | None] = {}
+    for name in LIMIT_FIELDS:
+        asked = request.limits.get(name)
+        cap = caps.get(name, -1)
+        # An omitted (or 0, which Piston treats as omitted) limit runs at the tenant's cap.
+        limits[name] = (cap if cap > 0 else None) if not asked else asked
+    return ExecuteRequest(
+        language=runtime.language,
+        version=runtime.version,
+        files=request.files,
+        stdin=request.stdin,
+        args=request.args,
+        limits=limits,
+    )
