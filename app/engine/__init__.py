@@ -1,0 +1,1 @@
+"""The embedded Piston-compatible engine: host interpreters, each job inside bubblewrap."""

@@ -1,0 +1,284 @@
+"""The engine: host runtimes, job slots, and one job from request to Piston's answer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from app.engine.config import EngineSettings
+from app.engine.runtimes import SPECS, HostRuntime, find_tool, host_runtime, locate
+from app.engine.sandbox import (
+    SandboxUnavailable,
+    StageLimits,
+    StageResult,
+    UidPool,
+    run_stage,
+    sweep_uid,
+)
+from app.errors import BadRequest
+from app.piston.resolve import Runtime, resolve_runtime, unknown_runtime_message
+from app.piston.schemas import (
+    ExecuteRequest,
+    decode_content,
+    enforce_caps,
+    require_utf8_file,
+)
+
+__all__ = ["JOB_STATUSES", "Engine", "EngineMetrics"]
+
+JOB_STATUSES: Final = ("ok", "RE", "SG", "TO", "OL", "EL", "XX")
+_PROBE_LIMITS: Final = StageLimits(
+    timeout_ms=20_000,
+    cpu_time_ms=20_000,
+    memory_limit=-1,
+    max_processes=64,
+    max_open_files=256,
+    max_file_size=1_000_000,
+    output_max_size=65_536,
+)
+_INSTALL_HINT: Final = (
+    "install bubblewrap (apt-get install bubblewrap) on a kernel that allows unprivileged user "
+    "namespaces; the engine never runs code unsandboxed"
+)
+
+
+class EngineMetrics:
+    """The engine's own registry, so tests and benchmarks can count real executions."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.executions = Counter(
+            "pgw_engine_executions",
+            "Jobs the engine has run (one per execute request that reached a sandbox)",
+            registry=self.registry,
+        )
+        self.jobs = Counter(
+            "pgw_engine_jobs",
+            "Jobs by the status of their last stage (ok when it exited normally)",
+            ["status"],
+            registry=self.registry,
+        )
+        for status in JOB_STATUSES:
+            self.jobs.labels(status=status)
+        self.in_flight = Gauge(
+            "pgw_engine_jobs_in_flight", "Jobs running in a sandbox now", registry=self.registry
+        )
+        self.waiting = Gauge(
+            "pgw_engine_jobs_waiting", "Jobs waiting for a free slot", registry=self.registry
+        )
+        self.leftovers = Counter(
+            "pgw_engine_leftover_processes",
+            "Processes of a finished job's uid found and killed by the janitor (should stay 0)",
+            registry=self.registry,
+        )
+
+
+def _write_files(job_dir: Path, files: Sequence[tuple[str, bytes]], uid: int | None) -> None:
+    """Lay out a job folder the job uid owns (run in a worker thread: it is blocking I/O)."""
+    job_dir.mkdir(mode=0o700)
+    if uid is not None:
+        os.chown(job_dir, uid, uid)
+    for name, content in files:
+        path = job_dir / name
+        try:
+            for parent in reversed(path.relative_to(job_dir).parents[:-1]):
+                directory = job_dir / parent
+                if not directory.is_dir():
+                    directory.mkdir(mode=0o700)
+                    if uid is not None:
+                        os.chown(directory, uid, uid)
+            path.write_bytes(content)
+        except OSError as exc:
+            raise BadRequest(f"file {name!r} cannot be written: {exc.strerror}") from None
+        if uid is not None:
+            os.chown(path, uid, uid)
+
+
+class Engine:
+    """Everything the HTTP layer needs: the runtimes, the job slots, the metrics."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        self.pool = UidPool(settings)
+        self.metrics = EngineMetrics()
+        self.runtimes: list[HostRuntime] = []
+        self._catalog: list[Runtime] = []
+
+    # -- start -------------------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        """Claim a uid block, prove the sandbox, find the runtimes; raises SandboxUnavailable."""
+        bwrap = self.settings.bwrap_path
+        if not (bwrap.is_file() and os.access(bwrap, os.X_OK)):
+            raise SandboxUnavailable(f"bubblewrap not found at {bwrap}: {_INSTALL_HINT}")
+        if not self.settings.supervisor_python.is_file():
+            raise SandboxUnavailable(
+                f"{self.settings.supervisor_python} not found: the sandbox supervisor needs the "
+                "system python3 (apt-get install python3)"
+            )
+        self.pool.claim()
+        true = find_tool("true") or "/usr/bin/true"
+        probe = await self._sandboxed(self.pool.uid_for(0), [true])
+        if probe.status is not None:
+            detail = (probe.stderr.strip().splitlines() or [probe.message or "no output"])[0]
+            raise SandboxUnavailable(
+                f"bubblewrap cannot build a sandbox here ({detail}): {_INSTALL_HINT}"
+            )
+        found = await asyncio.gather(
+            *(self._discover(spec_index, spec) for spec_index, spec in enumerate(SPECS))
+        )
+        self.runtimes = [runtime for runtime in found if runtime is not None]
+        self._catalog = [runtime.runtime for runtime in self.runtimes]
+
+    async def _discover(self, index: int, spec: Any) -> HostRuntime | None:
+        tools = locate(spec)
+        if tools is None:
+            return None
+        uid = self.pool.uid_for(index % self.settings.max_concurrent_jobs)
+        result = await self._sandboxed(uid, spec.version_argv(tools))
+        if result.status is not None:
+            sys.stderr.write(f"engine: {spec.language} not listed: its version query failed\n")
+            return None
+        return host_runtime(spec, tools, result.stdout + result.stderr)
+
+    async def _sandboxed(self, uid: int, command: Sequence[str]) -> StageResult:
+        job_dir = self.pool.jobs_dir / f"probe-{uuid.uuid4().hex}"
+        owner = uid if self.pool.privileged else None
+        await asyncio.to_thread(_write_files, job_dir, [], owner)
+        try:
+            return await run_stage(
+                settings=self.settings,
+                uid=uid,
+                job_dir=job_dir,
+                env=self._env("probe"),
+                command=command,
+                stdin=b"",
+                limits=_PROBE_LIMITS,
+            )
+        finally:
+            await asyncio.to_thread(shutil.rmtree, job_dir, True)
+
+    def close(self) -> None:
+        self.pool.close()
+
+    # -- catalog -----------------------------------------------------------------------------
+
+    @property
+    def catalog(self) -> list[Runtime]:
+        return self._catalog
+
+    def resolve(self, language: str, version: str) -> HostRuntime:
+        runtime = resolve_runtime(self._catalog, language, version)
+        if runtime is None:
+            raise BadRequest(unknown_runtime_message(language, version))
+        return next(host for host in self.runtimes if host.runtime is runtime)
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def _env(self, language: str) -> dict[str, str]:
+        return {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": "/tmp",
+            "LANG": "C.UTF-8",
+            "PISTON_LANGUAGE": language,
+        }
+
+    def _limits(self, request: ExecuteRequest, stage: str) -> StageLimits:
+        settings = self.settings
+
+        def pick(name: str) -> int:
+            # Piston treats an absent or zero limit alike: the configured one applies.
+            return request.limit(name) or int(getattr(settings, name))
+
+        return StageLimits(
+            timeout_ms=pick(f"{stage}_timeout"),
+            cpu_time_ms=pick(f"{stage}_cpu_time"),
+            memory_limit=pick(f"{stage}_memory_limit"),
+            max_processes=settings.max_process_count,
+            max_open_files=settings.max_open_files,
+            max_file_size=settings.max_file_size,
+            output_max_size=settings.output_max_size,
+        )
+
+    async def execute(self, request: ExecuteRequest) -> dict[str, Any]:
+        """Run one job as Piston would and return Piston's answer."""
+        require_utf8_file(request)
+        host = self.resolve(request.language, request.version)
+        enforce_caps(request, self.settings.caps)
+
+        files = [
+            (file.name or f"file{index}.code", decode_content(file))
+            for index, file in enumerate(request.files)
+        ]
+        code_files = [
+            name
+            for (name, _), file in zip(files, request.files, strict=True)
+            if file.encoding == "utf8"
+        ]
+        stdin = request.stdin if request.stdin.endswith("\n") else request.stdin + "\n"
+
+        self.metrics.waiting.inc()
+        try:
+            uid = await self.pool.acquire()
+        finally:
+            self.metrics.waiting.dec()
+        self.metrics.in_flight.inc()
+        job_dir = self.pool.jobs_dir / uuid.uuid4().hex
+        owner = uid if self.pool.privileged else None
+        try:
+            await asyncio.to_thread(_write_files, job_dir, files, owner)
+            self.metrics.executions.inc()
+            stage_args: dict[str, Any] = {
+                "settings": self.settings,
+                "uid": uid,
+                "job_dir": job_dir,
+                "env": self._env(host.runtime.language),
+                "stdin": stdin.encode("utf-8"),
+            }
+            compile_result: StageResult | None = None
+            run_result: StageResult | None = None
+            if host.compiled:
+                compile_result = await run_stage(
+                    command=host.compile_argv(code_files),
+                    limits=self._limits(request, "compile"),
+                    **stage_args,
+                )
+            if compile_result is None or compile_result.code == 0:
+                run_result = await run_stage(
+                    command=host.run_argv(code_files[0], request.args),
+                    limits=self._limits(request, "run"),
+                    **stage_args,
+                )
+        finally:
+            await asyncio.to_thread(self._clean_up, job_dir, uid)
+            self.metrics.in_flight.dec()
+            self.pool.release(uid)
+
+        last = run_result or compile_result
+        assert last is not None
+        self.metrics.jobs.labels(status=last.status or "ok").inc()
+        answer: dict[str, Any] = {}
+        if compile_result is not None:
+            answer["compile"] = compile_result.as_json()
+        # Piston answers a failed compile with `run` mirroring `compile`, for older clients.
+        answer["run"] = last.as_json()
+        answer["language"] = host.runtime.language
+        answer["version"] = host.runtime.version
+        return answer
+
+    def _clean_up(self, job_dir: Path, uid: int) -> None:
+        if self.pool.privileged:
+            leftovers = sweep_uid(uid)
+            if leftovers:
+                self.metrics.leftovers.inc(leftovers)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(job_dir)

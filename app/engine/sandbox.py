@@ -1,0 +1,502 @@
+"""Running one stage of a job inside bubblewrap, with Piston's limits and Piston's verdicts.
+
+Shape of one stage:
+
+    engine ──(real uid = job uid)──▶ bwrap (user/pid/net/ipc/uts/mount namespaces)
+                                        └▶ supervisor (system python, -I -S)
+                                              └▶ the program, with rlimits set between fork and exec
+
+The supervisor exists because bwrap reports a program killed by signal N as exit code 128+N, which
+cannot be told apart from `exit(128+N)`; it waits for the program with wait4(), so it knows the real
+exit status, the CPU time and the peak memory, and writes them to a pipe only the engine reads.
+It also kills the whole sandbox on the engine's word (a byte or EOF on a control pipe), which is how
+wall-clock and output limits end a job while still reporting its resource use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from app.engine.config import UID_BLOCK_SIZE, EngineSettings
+
+__all__ = [
+    "SUPERVISOR",
+    "SandboxUnavailable",
+    "StageLimits",
+    "StageResult",
+    "SupervisorReport",
+    "UidPool",
+    "bwrap_argv",
+    "classify",
+    "parse_report",
+    "run_stage",
+    "sweep_uid",
+]
+
+# Seconds between asking the supervisor to stop a job and killing bwrap outright.
+_KILL_GRACE_SECONDS: Final = 1.0
+_READ_CHUNK: Final = 65_536
+
+SUPERVISOR: Final = r"""
+import os, resource as R, select, signal, sys
+status_fd, control_fd, cpu, mem, nproc, nofile, fsize = map(int, sys.argv[1:8])
+cmd = sys.argv[8:]
+pid = os.fork()
+if pid == 0:
+    try:
+        os.close(status_fd)
+        os.close(control_fd)
+        # Python ignores these two; a program must start with the default dispositions.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+        R.setrlimit(R.RLIMIT_CPU, (cpu, cpu + 1))
+        if mem >= 0:
+            R.setrlimit(R.RLIMIT_AS, (mem, mem))
+        R.setrlimit(R.RLIMIT_NPROC, (nproc, nproc))
+        R.setrlimit(R.RLIMIT_NOFILE, (nofile, nofile))
+        R.setrlimit(R.RLIMIT_FSIZE, (fsize, fsize))
+        R.setrlimit(R.RLIMIT_CORE, (0, 0))
+        os.execv(cmd[0], cmd)
+    except BaseException as exc:
+        os.write(2, ("cannot start %s: %s\n" % (cmd[0], exc)).encode())
+    os._exit(127)
+pidfd = os.pidfd_open(pid)
+if pidfd not in select.select([pidfd, control_fd], [], [])[0]:
+    os.kill(-1, signal.SIGKILL)
+_, status, usage = os.wait4(pid, 0)
+cpu_ms = int((usage.ru_utime + usage.ru_stime) * 1000)
+code = os.waitstatus_to_exitcode(status)
+os.write(status_fd, b"%d %d %d\n" % (code, cpu_ms, usage.ru_maxrss * 1024))
+"""
+
+# /etc entries a runtime may need: the dynamic linker's cache, the alternatives symlinks behind
+# /usr/bin/java, the JDK's configuration, the time zone. Nothing else of /etc is visible.
+_ETC_ENTRIES: Final = (
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/alternatives",
+    "/etc/localtime",
+)
+_USR_MERGED_LINKS: Final = (("usr/bin", "/bin"), ("usr/sbin", "/sbin"), ("usr/lib", "/lib"))
+_USR_OPTIONAL_LINKS: Final = (("usr/lib64", "/lib64"), ("usr/lib32", "/lib32"))
+
+BOX_DIR: Final = "/box/submission"
+
+
+class SandboxUnavailable(RuntimeError):
+    """bwrap is missing or cannot build a sandbox here: the engine must not start."""
+
+
+@dataclass(frozen=True, slots=True)
+class StageLimits:
+    timeout_ms: int
+    cpu_time_ms: int
+    memory_limit: int  # bytes, -1 = unlimited
+    max_processes: int
+    max_open_files: int
+    max_file_size: int
+    output_max_size: int
+
+    @property
+    def cpu_seconds(self) -> int:
+        # RLIMIT_CPU counts whole seconds; the verdict compares the measured milliseconds.
+        return max(1, math.ceil(self.cpu_time_ms / 1000))
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorReport:
+    exit_code: int  # negative: killed by that signal
+    cpu_time_ms: int
+    memory_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class StageResult:
+    stdout: str
+    stderr: str
+    output: str
+    code: int | None
+    signal: str | None
+    message: str | None
+    status: str | None
+    cpu_time: int | None
+    wall_time: int
+    memory: int | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "stdout": self.stdout,
+            "stderr": self.stderr,
+            "output": self.output,
+            "code": self.code,
+            "signal": self.signal,
+            "message": self.message,
+            "status": self.status,
+            "cpu_time": self.cpu_time,
+            "wall_time": self.wall_time,
+            "memory": self.memory,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    code: int | None
+    signal: str | None
+    status: str | None
+    message: str | None
+
+
+def _signal_name(number: int) -> str | None:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return None
+
+
+def parse_report(raw: bytes) -> SupervisorReport | None:
+    """The supervisor's `exit cpu_ms memory` line, or None when it never wrote one."""
+    parts = raw.split()
+    if len(parts) != 3:
+        return None
+    try:
+        exit_code, cpu_ms, memory = (int(part) for part in parts)
+    except ValueError:
+        return None
+    return SupervisorReport(exit_code=exit_code, cpu_time_ms=cpu_ms, memory_bytes=memory)
+
+
+def classify(*, killed: str | None, report: SupervisorReport | None, cpu_time_ms: int) -> Verdict:
+    """Piston's (isolate's) status, message, code and signal for how a stage ended."""
+    if killed == "OL":
+        return Verdict(None, "SIGKILL", "OL", "stdout length exceeded")
+    if killed == "EL":
+        return Verdict(None, "SIGKILL", "EL", "stderr length exceeded")
+    if killed == "TO":
+        return Verdict(None, "SIGKILL", "TO", "Time limit exceeded (wall clock)")
+    if report is None:
+        return Verdict(None, None, "XX", "Internal error: the sandbox did not report")
+    code = report.exit_code
+    # RLIMIT_CPU ends a program with SIGXCPU (then SIGKILL); one that stopped on its own after
+    # using more than its CPU time has exceeded it just the same, as isolate judges it.
+    if report.cpu_time_ms > cpu_time_ms or code == -signal.SIGXCPU:
+        return Verdict(None, "SIGKILL", "TO", "Time limit exceeded")
+    if code < 0:
+        return Verdict(None, _signal_name(-code), "SG", f"Caught fatal signal {-code}")
+    if code > 0:
+        return Verdict(code, None, "RE", f"Exited with error status {code}")
+    return Verdict(0, None, None, None)
+
+
+def _system_binds() -> list[str]:
+    args = ["--ro-bind", "/usr", "/usr"]
+    for target, link in _USR_MERGED_LINKS:
+        args += ["--symlink", target, link]
+    for target, link in _USR_OPTIONAL_LINKS:
+        if Path("/", target).exists():
+            args += ["--symlink", target, link]
+    etc = [entry for entry in _ETC_ENTRIES if Path(entry).exists()]
+    etc += sorted(str(path) for path in Path("/etc").glob("java-*"))
+    for entry in etc:
+        args += ["--ro-bind", entry, entry]
+    return args
+
+
+def bwrap_argv(
+    *,
+    settings: EngineSettings,
+    job_dir: Path,
+    env: Mapping[str, str],
+    command: Sequence[str],
+    limits: StageLimits,
+    status_fd: int,
+    control_fd: int,
+) -> list[str]:
+    """The full argv of one sandboxed stage (pure, so a unit test can read it)."""
+    argv = [
+        str(settings.bwrap_path),
+        # user, ipc, pid, net, uts and cgroup namespaces: no network, no view of other processes.
+        "--unshare-all",
+        "--die-with-parent",
+        "--new-session",
+        "--hostname",
+        "piston",
+        *_system_binds(),
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+    ]
+    for private in ("/tmp", "/var/tmp", "/dev/shm"):
+        # A tmpfs per stage: whatever a job leaves there is gone with its mount namespace.
+        argv += ["--size", str(settings.tmpfs_size), "--tmpfs", private]
+    argv += ["--bind", str(job_dir), BOX_DIR, "--chdir", BOX_DIR, "--clearenv"]
+    for key, value in env.items():
+        argv += ["--setenv", key, value]
+    argv += [
+        "--",
+        str(settings.supervisor_python),
+        "-I",
+        "-S",
+        "-c",
+        SUPERVISOR,
+        str(status_fd),
+        str(control_fd),
+        str(limits.cpu_seconds),
+        str(limits.memory_limit),
+        str(limits.max_processes),
+        str(limits.max_open_files),
+        str(limits.max_file_size),
+        *command,
+    ]
+    return argv
+
+
+def sweep_uid(uid: int) -> int:
+    """Kill every process whose uid is `uid` (Piston's janitor); returns how many were found.
+
+    The pid namespace already takes every process of a stage down with it; this is the safety net
+    for anything that could outlive it, run after each job before its uid is handed out again.
+    """
+    found = 0
+    for _ in range(10):
+        victims: list[int] = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    victims.append(int(entry))
+        if not victims:
+            break
+        found += len(victims)
+        # Stop first so nothing can fork while its siblings are being killed.
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for pid in victims:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, sig)
+        time.sleep(0.01)
+    return found
+
+
+class UidPool:
+    """One unprivileged uid per concurrent job slot; taking a uid is taking a slot."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        self.privileged = os.geteuid() == 0
+        self._lock_fd: int | None = None
+        self.block = 0
+        self.jobs_dir = settings.data_directory
+        self._free: asyncio.Queue[int] = asyncio.Queue()
+
+    def claim(self) -> None:
+        """Claim a uid block nobody else on this machine holds (an flock that dies with us)."""
+        base = self.settings.data_directory
+        base.mkdir(mode=0o711, parents=True, exist_ok=True)
+        locks = base / "locks"
+        locks.mkdir(mode=0o700, exist_ok=True)
+        for block in range(self.settings.uid_blocks):
+            fd = os.open(locks / f"uids-{block}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self._lock_fd, self.block = fd, block
+            break
+        else:
+            raise SandboxUnavailable(
+                f"all {self.settings.uid_blocks} uid blocks are held by other engines "
+                "(raise PISTON_UID_BLOCKS)"
+            )
+        self.jobs_dir = base / f"block-{self.block}"
+        # Whatever a crashed engine with this block left behind is ours to remove.
+        shutil.rmtree(self.jobs_dir, ignore_errors=True)
+        self.jobs_dir.mkdir(mode=0o711)
+        if self.privileged:
+            for slot in range(self.settings.max_concurrent_jobs):
+                sweep_uid(self.uid_for(slot))
+
+    def open(self) -> None:
+        """Hand out the slots (in the loop that serves: the queue belongs to it)."""
+        self._free = asyncio.Queue()
+        for slot in range(self.settings.max_concurrent_jobs):
+            self._free.put_nowait(self.uid_for(slot))
+
+    def uid_for(self, slot: int) -> int:
+        if not self.privileged:
+            # Without root there is one uid to run as; the namespaces still bound each job.
+            return os.getuid()
+        return self.settings.runner_uid_min + self.block * UID_BLOCK_SIZE + slot
+
+    async def acquire(self) -> int:
+        return await self._free.get()
+
+    def release(self, uid: int) -> None:
+        self._free.put_nowait(uid)
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _close_quietly(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+async def run_stage(
+    *,
+    settings: EngineSettings,
+    uid: int,
+    job_dir: Path,
+    env: Mapping[str, str],
+    command: Sequence[str],
+    stdin: bytes,
+    limits: StageLimits,
+) -> StageResult:
+    """Run `command` in a fresh sandbox on `job_dir` and judge it as Piston would."""
+    loop = asyncio.get_running_loop()
+    status_r, status_w = os.pipe()
+    control_r, control_w = os.pipe()
+    argv = bwrap_argv(
+        settings=settings,
+        job_dir=job_dir,
+        env=env,
+        command=command,
+        limits=limits,
+        status_fd=status_w,
+        control_fd=control_r,
+    )
+    identity: dict[str, Any] = {}
+    if os.geteuid() == 0:
+        # Drop the real uid before bwrap, so RLIMIT_NPROC counts this job's processes only.
+        identity = {"user": uid, "group": uid, "extra_groups": []}
+    started = time.monotonic()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            pass_fds=(status_w, control_r),
+            start_new_session=True,
+            **identity,
+        )
+    except OSError as exc:
+        _close_quietly(status_r, status_w, control_r, control_w)
+        return StageResult(
+            stdout="",
+            stderr="",
+            output="",
+            code=None,
+            signal=None,
+            message=f"Internal error: cannot start the sandbox: {exc}",
+            status="XX",
+            cpu_time=None,
+            wall_time=0,
+            memory=None,
+        )
+    _close_quietly(status_w, control_r)
+
+    killed: str | None = None
+    hard_kill: asyncio.TimerHandle | None = None
+
+    def stop(reason: str) -> None:
+        nonlocal killed, hard_kill
+        if killed is not None:
+            return
+        killed = reason
+        with contextlib.suppress(OSError):
+            os.write(control_w, b"k")
+        hard_kill = loop.call_later(_KILL_GRACE_SECONDS, _kill_quietly, proc)
+
+    stdout, stderr = bytearray(), bytearray()
+    output: list[bytes] = []
+
+    async def pump(stream: asyncio.StreamReader, buffer: bytearray, reason: str) -> None:
+        while chunk := await stream.read(_READ_CHUNK):
+            if killed is not None:
+                continue  # draining a stopped job: nothing more is kept
+            if len(buffer) + len(chunk) > limits.output_max_size:
+                stop(reason)
+                continue
+            buffer += chunk
+            output.append(chunk)
+
+    async def feed() -> None:
+        assert proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            proc.stdin.write(stdin)
+            await proc.stdin.drain()
+        proc.stdin.close()
+
+    ended_at = started
+
+    async def wait_exit() -> None:
+        nonlocal ended_at
+        await proc.wait()
+        ended_at = time.monotonic()
+
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    tasks = [
+        asyncio.ensure_future(pump(proc.stdout, stdout, "OL")),
+        asyncio.ensure_future(pump(proc.stderr, stderr, "EL")),
+        asyncio.ensure_future(wait_exit()),
+    ]
+    feeder = asyncio.ensure_future(feed())
+    try:
+        _, pending = await asyncio.wait(tasks, timeout=limits.timeout_ms / 1000)
+        if pending:
+            stop("TO")
+        await asyncio.gather(*tasks)
+        await asyncio.gather(feeder, return_exceptions=True)
+    finally:
+        if hard_kill is not None:
+            hard_kill.cancel()
+        if proc.returncode is None:
+            _kill_quietly(proc)
+            await proc.wait()
+        _close_quietly(control_w)
+
+    os.set_blocking(status_r, False)
+    try:
+        raw = os.read(status_r, 256)
+    except BlockingIOError:
+        raw = b""
+    finally:
+        _close_quietly(status_r)
+    report = parse_report(raw)
+    verdict = classify(killed=killed, report=report, cpu_time_ms=limits.cpu_time_ms)
+    return StageResult(
+        stdout=stdout.decode("utf-8", "replace"),
+        stderr=stderr.decode("utf-8", "replace"),
+        output=b"".join(output).decode("utf-8", "replace"),
+        code=verdict.code,
+        signal=verdict.signal,
+        message=verdict.message,
+        status=verdict.status,
+        cpu_time=report.cpu_time_ms if report else None,
+        wall_time=round((ended_at - started) * 1000),
+        memory=report.memory_bytes if report else None,
+    )
+
+
+def _kill_quietly(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
