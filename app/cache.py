@@ -1,0 +1,592 @@
+"""Result cache and single-flight: the cache key, the Cache-Control modes, one run per request.
+
+The cache read and write themselves are not here: a hit must cost one Redis round trip, so the
+read rides in the limiter's admission script and the write in its finish pipeline
+(`app/limits.py`). This module decides whether to look up and store (`cache_mode`), under which
+key (`cache_digest`, `cache_key`), and makes a miss reach the upstream once however many
+identical requests arrive together, in this process or in any other (`SingleFlight`).
+
+Redis layout (prefixes from `app.redis_keys`):
+- `pgw:cache:<digest>`: the stored answer, the exact bytes that go out (written by the limiter).
+- `pgw:flight:<digest>`: the single-flight lock, a random owner token with a short lease that
+  the leader renews while it runs (so a dead leader is noticed in `lease_ms`, not after the
+  whole `lock_ttl_ms`), never held past `lock_ttl_ms`.
+- pub/sub channel `pgw:flight:<digest>` (channels and keys are separate namespaces in Redis): the
+  leader's wake-up, published by the same script that releases the lock. Each process listens
+  with one PSUBSCRIBE `pgw:flight:*` connection shared by all its waiters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Final, Literal, NamedTuple
+
+import orjson
+import structlog
+from prometheus_client import Counter
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from app.errors import GatewayError, GatewayTimeout
+from app.metrics import Metrics
+from app.piston.client import UpstreamAnswer
+from app.piston.schemas import LIMIT_FIELDS, ExecuteRequest
+from app.redis_keys import CACHE, FLIGHT
+
+__all__ = ["CacheMode", "FlightResult", "SingleFlight", "cache_digest", "cache_key", "cache_mode"]
+
+log = structlog.get_logger(__name__)
+
+# --------------------------------------------------------------------------- modes
+
+
+class CacheMode(NamedTuple):
+    """What the cache does for one request; `label` is its X-Cache value when it is not a hit."""
+
+    lookup: bool
+    store: bool
+    label: Literal["MISS", "BYPASS"]
+
+
+_USE: Final = CacheMode(lookup=True, store=True, label="MISS")
+_REFRESH: Final = CacheMode(lookup=False, store=True, label="MISS")
+_BYPASS: Final = CacheMode(lookup=False, store=False, label="BYPASS")
+
+
+def _directive_names(header: str) -> set[str]:
+    """The directive names of a Cache-Control value, lower-cased (RFC 9111 section 5.2).
+
+    Split on the commas that are outside quoted strings, so an argument such as
+    `community="no-store, x"` is never read as a directive of its own.
+    """
+    names: set[str] = set()
+    element: list[str] = []
+    in_quotes = escaped = False
+    for char in header + ",":
+        if escaped:
+            escaped = False
+        elif in_quotes:
+            escaped = char == "\\"
+            in_quotes = char != '"'
+        elif char == '"':
+            in_quotes = True
+        elif char == ",":
+            name = "".join(element).split("=", 1)[0].strip().lower()
+            if name:
+                names.add(name)
+            element = []
+            continue
+        element.append(char)
+    return names
+
+
+def cache_mode(*, ttl_seconds: int, tenant_cache: bool, cache_control: str | None) -> CacheMode:
+    """Whether to look up and store, from the TTL, the tenant's switch and the request's header.
+
+    Pass every Cache-Control line joined with ", " (a header may be sent more than once).
+    `no-store` wins over `no-cache` when both are present: storing is what it forbids.
+    Other directives (`max-age=0` included) leave the cache on: the contract names only these
+    two, and a browser's ordinary reload sends `max-age=0` where it means nothing for a POST.
+    """
+    if ttl_seconds <= 0 or not tenant_cache:
+        return _BYPASS
+    if not cache_control:
+        return _USE
+    directives = _directive_names(cache_control)
+    if "no-store" in directives:
+        return _BYPASS
+    if "no-cache" in directives:
+        return _REFRESH
+    return _USE
+
+
+# --------------------------------------------------------------------------- key
+
+# Bumped whenever the encoding below changes, so old entries are simply never found again.
+_DIGEST_FORMAT: Final = b"pgw-cache/1"
+
+
+def _put(update: Callable[[bytes], None], value: bytes) -> None:
+    # Length-prefixed fields: no value can run into the next one, whatever bytes it holds.
+    update(len(value).to_bytes(8, "big"))
+    update(value)
+
+
+def _text(value: str) -> bytes:
+    # surrogatepass: a lone surrogate (legal in JSON via \\ud800) must hash, not crash.
+    return value.encode("utf-8", "surrogatepass")
+
+
+def cache_digest(request: ExecuteRequest, *, tenant_id: str | None) -> str:
+    """SHA-256 hex of everything that decides an effective request's output.
+
+    `tenant_id=None` is the global scope: every tenant shares the entry.
+
+    The encoding is a sequence of length-prefixed fields in a fixed order, not JSON: it is total
+    (orjson refuses integers beyond 64 bits, which an uncapped limit may hold, and lone
+    surrogates), it depends on no serializer's options or version, and it feeds the hash without
+    building a document the size of the files. Key order in the client's JSON cannot reach it
+    (the request is already parsed), and every limit is written, unset ones as an empty field,
+    so "omitted" and "filled with the same value" are the same request only when policy made
+    them so.
+
+    A file without a name is hashed as `file<index>.code`: that is the name Piston's job.js
+    gives it (`file.name || \\`file${i}.code\\``), so both requests write the same file and run
+    the same command line. The encoding stays in the key even where the bytes agree, because
+    Piston runs only the utf8 files as code. stdin is kept exactly (no newline added): current
+    Piston passes it through unchanged.
+    """
+    digest = hashlib.sha256()
+    put = partial(_put, digest.update)
+    put(_DIGEST_FORMAT)
+    if tenant_id is None:
+        put(b"global")
+    else:
+        put(b"tenant")
+        put(_text(tenant_id))
+    put(_text(request.language))
+    put(_text(request.version))
+    put(str(len(request.files)).encode())
+    for index, file in enumerate(request.files):
+        put(_text(file.name if file.name is not None else f"file{index}.code"))
+        put(_text(file.encoding))
+        put(_text(file.content))
+    put(_text(request.stdin))
+    put(str(len(request.args)).encode())
+    for arg in request.args:
+        put(_text(arg))
+    for name in LIMIT_FIELDS:
+        value = request.limits.get(name)
+        put(name.encode())
+        put(b"" if value is None else str(value).encode())
+    return digest.hexdigest()
+
+
+def cache_key(digest: str) -> str:
+    """The Redis key of a cached answer."""
+    return CACHE + digest
+
+
+# --------------------------------------------------------------------------- single-flight
+
+FlightResult = UpstreamAnswer | bytes
+"""What `SingleFlight.run` returns: an answer that ran upstream, or a stored body (bytes)."""
+
+# Compare-and-delete, then the wake-up, in one round trip. The owner token makes sure a leader
+# whose lease ran out never deletes the lock of the one that took over.
+_RELEASE_SCRIPT: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return redis.call('PUBLISH', KEYS[1], ARGV[2])
+"""
+_RENEW_SCRIPT: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# A wake-up says why the lock went away. `w`: look in the cache (the answer was stored, or the
+# leader failed in a way worth retrying). `a` and `e` carry an answer that was not stored (a
+# timeout, an internal error) or a gateway error, so waiters elsewhere share it rather than
+# run the same slow program again one after the other.
+_WAKE: Final = b"w"
+_ANSWER: Final = b"a"
+_ERROR: Final = b"e"
+
+_REDIS_FAULTS: Final = (RedisError, OSError)
+_LEASE_MS: Final = 3_000
+_RESUBSCRIBE_MAX_S: Final = 5.0
+
+
+def _encode_answer(answer: UpstreamAnswer) -> bytes:
+    head = orjson.dumps(
+        {
+            "status_code": answer.status_code,
+            "statuses": answer.statuses,
+            "cpu_time_ms": answer.cpu_time_ms,
+            "wall_time_ms": answer.wall_time_ms,
+        }
+    )
+    return _ANSWER + head + b"\n" + answer.body
+
+
+def _encode_error(exc: GatewayError) -> bytes:
+    head = {"status_code": exc.status_code, "message": exc.message, "headers": exc.headers}
+    return _ERROR + orjson.dumps(head)
+
+
+def _decode_shared(message: bytes) -> UpstreamAnswer | GatewayError | None:
+    """What another process's leader shared: an answer, an error, or None (go and look).
+
+    A wake-up this version cannot read (another version mid-deploy) is only a wake-up.
+    """
+    kind, payload = message[:1], message[1:]
+    try:
+        if kind == _ANSWER:
+            head, _, body = payload.partition(b"\n")
+            meta = orjson.loads(head)
+            return UpstreamAnswer(
+                status_code=int(meta["status_code"]),
+                body=body,
+                statuses=tuple(meta["statuses"]),
+                cpu_time_ms=float(meta["cpu_time_ms"]),
+                wall_time_ms=float(meta["wall_time_ms"]),
+            )
+        if kind == _ERROR:
+            meta = orjson.loads(payload)
+            return GatewayError(
+                str(meta["message"]),
+                status_code=int(meta["status_code"]),
+                headers={str(k): str(v) for k, v in meta["headers"].items()},
+            )
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        log.warning("single_flight_unreadable_wake_up", kind=kind.decode(errors="replace"))
+    return None
+
+
+@dataclass(eq=False)
+class _Flight:
+    """One digest's run in this process, shared by every local caller."""
+
+    digest: str
+    deadline: float  # loop time by which the last local caller gives up
+    task: asyncio.Task[FlightResult] | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    message: bytes | None = None  # the latest wake-up from another process's leader
+
+    @property
+    def lock(self) -> str:
+        return FLIGHT + self.digest
+
+
+class SingleFlight:
+    """Identical executions in flight at once run upstream once: in this process and across all.
+
+    In a process, the first caller starts a task and every caller with the same digest awaits
+    it, each under its own deadline; the task is shielded, so one client leaving (or timing out)
+    never cancels the run the others wait for. Across processes, the task takes a Redis lock:
+    the holder executes, stores (`on_result`) and only then releases and wakes the others;
+    a waiter that finds the lock gone without anything to share tries to take it (takeover).
+
+    Redis faults never fail a request: the task executes directly, and the fault is logged.
+    One SingleFlight per process and per Metrics (it registers `pgw_single_flight_total`).
+    """
+
+    def __init__(
+        self,
+        redis: Redis | None,
+        *,
+        metrics: Metrics | None = None,
+        poll_interval: float = 0.05,
+        lease_ms: int = _LEASE_MS,
+    ) -> None:
+        self._redis = redis
+        self._poll_interval = poll_interval
+        self._lease_ms = lease_ms
+        self._flights: dict[str, _Flight] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self._closed = False
+        self._release = redis.register_script(_RELEASE_SCRIPT) if redis is not None else None
+        self._renew = redis.register_script(_RENEW_SCRIPT) if redis is not None else None
+        self._roles = (
+            Counter(
+                "pgw_single_flight_total",
+                "Single-flight roles: leader, takeover, joined (same process), shared (another"
+                " process ran it), redis_error (ran without the lock)",
+                ["role"],
+                registry=metrics.registry,
+            )
+            if metrics is not None
+            else None
+        )
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        """Subscribe to wake-ups now rather than at the first wait (an outage is only logged)."""
+        self._ensure_listener()
+
+    async def close(self) -> None:
+        """Stop listening and end the flights still running (their locks are released)."""
+        self._closed = True
+        tasks: list[asyncio.Task[Any]] = [
+            f.task for f in self._flights.values() if f.task is not None
+        ]
+        if self._listener is not None:
+            tasks.append(self._listener)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._listener = None
+
+    # -- the API
+
+    async def run(
+        self,
+        digest: str,
+        *,
+        deadline_s: float,
+        lock_ttl_ms: int,
+        execute: Callable[[], Awaitable[UpstreamAnswer]],
+        read_cached: Callable[[], Awaitable[bytes | None]] | None = None,
+        on_result: Callable[[UpstreamAnswer], Awaitable[None]] | None = None,
+    ) -> FlightResult:
+        """Run `execute` once for every identical caller; raise GatewayTimeout at `deadline_s`.
+
+        Returns the UpstreamAnswer to the caller that ran it and to those in this process that
+        joined it (the same object, or the same exception), and also when another process ran
+        it and shared an answer that was not stored. Returns `bytes`, the stored body, when
+        another process ran it and stored it. `on_result` gets every answer this process runs,
+        before the lock is released (store it there when `.cacheable`); it runs in the shared
+        task, so it may run after the first caller has given up. Without `read_cached`, waiters
+        in other processes cannot see a stored answer and run it again once the lock is gone.
+        `lock_ttl_ms` bounds how long the lock can be held: cover the queue wait, the stage
+        timeouts and the grace.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + deadline_s
+        flight = self._flights.get(digest)
+        if flight is None or flight.task is None or flight.task.done():
+            flight = _Flight(digest, deadline)
+            flight.task = loop.create_task(
+                self._fly(flight, lock_ttl_ms, execute, read_cached, on_result),
+                name=f"single-flight:{digest[:12]}",
+            )
+            flight.task.add_done_callback(partial(self._landed, flight))
+            self._flights[digest] = flight
+        else:
+            flight.deadline = max(flight.deadline, deadline)
+            self._count("joined")
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.shield(flight.task)
+        except TimeoutError:
+            raise GatewayTimeout(
+                "the execution did not finish in time; try again with the same request"
+            ) from None
+
+    # -- internals
+
+    def _count(self, role: str) -> None:
+        if self._roles is not None:
+            self._roles.labels(role=role).inc()
+
+    def _landed(self, flight: _Flight, task: asyncio.Task[FlightResult]) -> None:
+        if self._flights.get(flight.digest) is flight:
+            del self._flights[flight.digest]
+        # Retrieve the outcome so that a run nobody waits for any more is not reported as an
+        # "exception never retrieved"; the callers that did wait have it already.
+        if not task.cancelled():
+            task.exception()
+
+    async def _fly(
+        self,
+        flight: _Flight,
+        lock_ttl_ms: int,
+        execute: Callable[[], Awaitable[UpstreamAnswer]],
+        read_cached: Callable[[], Awaitable[bytes | None]] | None,
+        on_result: Callable[[UpstreamAnswer], Awaitable[None]] | None,
+    ) -> FlightResult:
+        if self._redis is None:
+            self._count("leader")
+            return await self._execute(execute, on_result)
+        took_over = False
+        while True:
+            token = secrets.token_hex(16)
+            try:
+                acquired = await self._redis.set(
+                    flight.lock, token, nx=True, px=min(self._lease_ms, lock_ttl_ms)
+                )
+            except _REDIS_FAULTS as exc:
+                return await self._without_redis(flight, exc, execute, on_result)
+            if acquired:
+                self._count("takeover" if took_over else "leader")
+                return await self._lead(flight, token, lock_ttl_ms, execute, read_cached, on_result)
+            try:
+                shared = await self._await_leader(flight, read_cached)
+            except _REDIS_FAULTS as exc:
+                return await self._without_redis(flight, exc, execute, on_result)
+            if shared is not None:
+                self._count("shared")
+                return shared
+            took_over = True
+
+    async def _without_redis(
+        self,
+        flight: _Flight,
+        exc: BaseException,
+        execute: Callable[[], Awaitable[UpstreamAnswer]],
+        on_result: Callable[[UpstreamAnswer], Awaitable[None]] | None,
+    ) -> UpstreamAnswer:
+        log.warning("single_flight_redis_error", digest=flight.digest[:16], error=repr(exc))
+        self._count("redis_error")
+        return await self._execute(execute, on_result)
+
+    async def _execute(
+        self,
+        execute: Callable[[], Awaitable[UpstreamAnswer]],
+        on_result: Callable[[UpstreamAnswer], Awaitable[None]] | None,
+    ) -> UpstreamAnswer:
+        answer = await execute()
+        await self._deliver(answer, on_result)
+        return answer
+
+    async def _deliver(
+        self, answer: UpstreamAnswer, on_result: Callable[[UpstreamAnswer], Awaitable[None]] | None
+    ) -> bool:
+        """Hand the answer to `on_result`; False when there is none or storing failed."""
+        if on_result is None:
+            return False
+        try:
+            await on_result(answer)
+        except _REDIS_FAULTS as exc:
+            # The answer is good; only the cache missed it.
+            log.warning("single_flight_store_failed", error=repr(exc))
+            return False
+        return True
+
+    async def _lead(
+        self,
+        flight: _Flight,
+        token: str,
+        lock_ttl_ms: int,
+        execute: Callable[[], Awaitable[UpstreamAnswer]],
+        read_cached: Callable[[], Awaitable[bytes | None]] | None,
+        on_result: Callable[[UpstreamAnswer], Awaitable[None]] | None,
+    ) -> FlightResult:
+        renewer = asyncio.create_task(self._keep_lock(flight, token, lock_ttl_ms))
+        wake_up = _WAKE
+        try:
+            if read_cached is not None:
+                # A leader elsewhere may have stored the answer and released the lock between
+                # this request's cache lookup and our SET NX: don't run it a second time.
+                try:
+                    cached = await read_cached()
+                except _REDIS_FAULTS as exc:
+                    log.warning("single_flight_read_failed", error=repr(exc))
+                    cached = None
+                if cached is not None:
+                    return cached
+            try:
+                answer = await execute()
+            except GatewayError as exc:
+                wake_up = _encode_error(exc)
+                raise
+            stored = await self._deliver(answer, on_result)
+            if not (stored and answer.cacheable):
+                wake_up = _encode_answer(answer)
+            return answer
+        finally:
+            renewer.cancel()
+            await self._unlock(flight, token, wake_up)
+
+    async def _keep_lock(self, flight: _Flight, token: str, lock_ttl_ms: int) -> None:
+        """Renew the lease while the leader lives, and never past `lock_ttl_ms` in all."""
+        assert self._renew is not None
+        loop = asyncio.get_running_loop()
+        hard_end = loop.time() + lock_ttl_ms / 1000
+        lease_ms = min(self._lease_ms, lock_ttl_ms)
+        while True:
+            await asyncio.sleep(lease_ms / 3000)
+            left_ms = int((hard_end - loop.time()) * 1000)
+            if left_ms <= 0:
+                return  # a run this long is wedged: let the lock expire and others take over
+            try:
+                held = await self._renew(keys=[flight.lock], args=[token, min(lease_ms, left_ms)])
+            except _REDIS_FAULTS as exc:
+                log.warning("single_flight_renew_failed", error=repr(exc))
+                continue
+            if not held:
+                log.warning("single_flight_lock_lost", digest=flight.digest[:16])
+                return
+
+    async def _unlock(self, flight: _Flight, token: str, wake_up: bytes) -> None:
+        assert self._release is not None
+        try:
+            await self._release(keys=[flight.lock], args=[token, wake_up])
+        except _REDIS_FAULTS as exc:
+            # The lease runs out by itself; waiters poll, so they are only slower to notice.
+            log.warning("single_flight_release_failed", error=repr(exc))
+
+    async def _await_leader(
+        self, flight: _Flight, read_cached: Callable[[], Awaitable[bytes | None]] | None
+    ) -> FlightResult | None:
+        """Wait for another process's leader: its answer, or None once the lock is free."""
+        assert self._redis is not None
+        self._ensure_listener()
+        loop = asyncio.get_running_loop()
+        while True:
+            # Clear before looking, so a wake-up that lands while we look is not lost.
+            flight.wake.clear()
+            message, flight.message = flight.message, None
+            if message is not None:
+                shared = _decode_shared(message)
+                if isinstance(shared, GatewayError):
+                    raise shared
+                if shared is not None:
+                    return shared
+            # The cache before the lock: the leader stores first and unlocks after, so a free
+            # lock seen after an empty cache means there is nothing to find.
+            if read_cached is not None:
+                cached = await read_cached()
+                if cached is not None:
+                    return cached
+            if not await self._redis.exists(flight.lock):
+                return None
+            remaining = flight.deadline - loop.time()
+            if remaining <= 0:
+                raise GatewayTimeout("an identical execution in flight did not finish in time")
+            with contextlib.suppress(TimeoutError):
+                # The poll is the fallback for a wake-up that never comes (a subscription not
+                # yet confirmed, a pub/sub connection lost) and for a leader that died.
+                async with asyncio.timeout(min(self._poll_interval, remaining)):
+                    await flight.wake.wait()
+
+    def _ensure_listener(self) -> None:
+        if self._redis is None or self._closed:
+            return
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.get_running_loop().create_task(
+                self._listen(self._redis), name="single-flight-listener"
+            )
+
+    async def _listen(self, redis: Redis) -> None:
+        """One pub/sub connection for the whole process, re-made after an outage."""
+        backoff = 0.1
+        failing = False
+        while True:
+            pubsub = redis.pubsub()
+            try:
+                await pubsub.psubscribe(FLIGHT + "*")
+                async for message in pubsub.listen():
+                    if message["type"] == "psubscribe":
+                        backoff = 0.1
+                        if failing:
+                            log.info("single_flight_pubsub_recovered")
+                            failing = False
+                    elif message["type"] == "pmessage":
+                        self._dispatch(message["channel"], message["data"])
+            except _REDIS_FAULTS as exc:
+                if not failing:
+                    log.warning("single_flight_pubsub_lost", error=repr(exc))
+                failing = True
+            finally:
+                with contextlib.suppress(*_REDIS_FAULTS):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _RESUBSCRIBE_MAX_S)
+
+    def _dispatch(self, channel: bytes | str, data: bytes | str) -> None:
+        name = channel.decode() if isinstance(channel, bytes) else channel
+        flight = self._flights.get(name.removeprefix(FLIGHT))
+        if flight is not None:
+            flight.message = data.encode() if isinstance(data, str) else data
+            flight.wake.set()
