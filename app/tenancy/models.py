@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from limits import parse_many
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
+from pydantic_core import PydanticCustomError
 
 __all__ = [
     "TENANT_ID_PATTERN",
     "ApiKey",
+    "KeyCreate",
     "Principal",
     "Scope",
     "Tenant",
@@ -22,6 +25,15 @@ TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 Scope = Literal["execute", "admin"]
 Cap = Annotated[int, Field(ge=-1)] | None
 PositiveOrNone = Annotated[int, Field(gt=0)] | None
+
+
+def _default_scopes() -> list[Scope]:
+    return ["execute"]
+
+
+def _invalid(message: str) -> PydanticCustomError:
+    """A validation error whose message is shown as is (no "Value error, " in front of it)."""
+    return PydanticCustomError("invalid", message)
 
 
 def _utc_iso(value: datetime | None) -> str | None:
@@ -56,8 +68,8 @@ class _TenantFields(BaseModel):
         try:
             parse_many(value)
         except ValueError:
-            raise ValueError(
-                f"rate_limit {value!r} is not a limit like '60/minute' or '10/second;500/hour'"
+            raise _invalid(
+                f"{value!r} is not a rate limit like '60/minute' or '10/second;500/hour'"
             ) from None
         return value
 
@@ -68,12 +80,22 @@ class _TenantFields(BaseModel):
             return None
         cleaned = [item.strip().lower() for item in value if item.strip()]
         if not cleaned:
-            raise ValueError("allowed_languages must name at least one language, or '*'")
+            raise _invalid("name at least one language, or '*' for all")
         return cleaned
 
 
 class TenantCreate(_TenantFields):
-    id: str = Field(pattern=TENANT_ID_PATTERN)
+    id: str = Field(json_schema_extra={"pattern": TENANT_ID_PATTERN})
+
+    @field_validator("id")
+    @classmethod
+    def _valid_id(cls, value: str) -> str:
+        if re.fullmatch(TENANT_ID_PATTERN, value) is None:
+            raise _invalid(
+                f"{value!r} is not a tenant id: 1-64 characters of a-z, 0-9, '_' and '-', "
+                "starting with a letter or digit"
+            )
+        return value
 
 
 class TenantUpdate(_TenantFields):
@@ -114,7 +136,7 @@ class ApiKey(BaseModel):
     tenant: str
     name: str | None = None
     prefix: str
-    scopes: list[Scope] = Field(default_factory=lambda: ["execute"])
+    scopes: list[Scope] = Field(default_factory=lambda: _default_scopes())
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     expires_at: datetime | None = None
     revoked: bool = False
@@ -128,6 +150,32 @@ class ApiKey(BaseModel):
         if self.revoked:
             return False
         return self.expires_at is None or self.expires_at > (now or datetime.now(UTC))
+
+
+class KeyCreate(BaseModel):
+    """Body of `POST /admin/tenants/{id}/keys`: every field optional."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, max_length=200)
+    scopes: list[Scope] = Field(default_factory=lambda: _default_scopes(), min_length=1)
+    expires_at: datetime | None = None
+
+    @field_validator("scopes")
+    @classmethod
+    def _unique_scopes(cls, value: list[Scope]) -> list[Scope]:
+        return list(dict.fromkeys(value))
+
+    @field_validator("expires_at")
+    @classmethod
+    def _future_utc(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        # A time without an offset is read as UTC: every time this API shows is UTC.
+        aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        if aware <= datetime.now(UTC):
+            raise _invalid("must be in the future (ISO 8601 in UTC, e.g. 2026-12-31T00:00:00Z)")
+        return aware.astimezone(UTC)
 
 
 class Principal(BaseModel):

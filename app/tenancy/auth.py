@@ -1,0 +1,247 @@
+"""Who is calling: the key lookup (with its in-process cache) and the FastAPI dependencies.
+
+The hot path is one SHA-256 and one dict lookup: keys found in Redis are cached in this process,
+and every change to a key or tenant is announced on `pgw:invalidate`, which drops the cached
+entry here within milliseconds. While that subscription is down, cached entries are trusted for
+only `_FALLBACK_TTL_SECONDS`, so a revocation still reaches this process within the contract's
+2 seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Final
+
+import structlog
+from fastapi import Depends, Request
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from app import redis_keys
+from app.errors import Forbidden, Unauthorized
+from app.state import get_state
+from app.tenancy.keys import hash_key, key_from_headers
+from app.tenancy.models import ApiKey, Principal, Tenant
+from app.tenancy.store import MemoryTenantStore, TenantStore
+
+__all__ = [
+    "ADMIN_TENANT_ID",
+    "Authenticator",
+    "PrincipalDep",
+    "authenticate",
+    "require_scope",
+]
+
+log = structlog.get_logger(__name__)
+
+# Not a valid tenant id (ids start with [a-z0-9]), so no real tenant can ever be mistaken for it.
+ADMIN_TENANT_ID: Final = "_admin"
+_CACHE_MAX_ENTRIES: Final = 10_000
+# Trust a cached entry this long when invalidations may be lost: well inside the 2 s promise.
+_FALLBACK_TTL_SECONDS: Final = 1.0
+# How often the listener pings Redis, and how long without any answer means "deaf".
+_PING_INTERVAL_SECONDS: Final = 0.5
+_DEAF_AFTER_SECONDS: Final = 1.0
+_RECONNECT_DELAY_SECONDS: Final = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    key: ApiKey
+    principal: Principal
+    fetched_at: float
+
+
+def _admin_principal() -> Principal:
+    tenant = Tenant.model_construct(id=ADMIN_TENANT_ID, name="GATEWAY_ADMIN_KEY")
+    # Only `admin`: the bootstrap key manages tenants; executions belong to a real tenant's policy.
+    return Principal(
+        tenant=tenant, key_id=ADMIN_TENANT_ID, key_prefix="(admin key)", scopes=frozenset({"admin"})
+    )
+
+
+class Authenticator:
+    """Turns a presented key into a Principal, caching lookups that Redis pub/sub invalidates."""
+
+    def __init__(
+        self,
+        store: TenantStore,
+        *,
+        admin_key: str | None,
+        redis: Redis | None,
+        cache_seconds: float = 30,
+    ) -> None:
+        self._store = store
+        self._redis = redis
+        self._admin_digest = hash_key(admin_key) if admin_key else None
+        self._admin = _admin_principal()
+        # Caching only makes sense over Redis; the in-process store is already a dict lookup,
+        # and without a channel there would be nothing to invalidate a cached entry.
+        self._caching = redis is not None and not isinstance(store, MemoryTenantStore)
+        self._cache_seconds = cache_seconds
+        self._cache: OrderedDict[str, _Entry] = OrderedDict()
+        # Bumped by every invalidation: a lookup that raced one must not cache what it read.
+        self._generation = 0
+        self._last_heard = float("-inf")
+        self._listener: asyncio.Task[None] | None = None
+
+    @property
+    def listening(self) -> bool:
+        """True while the invalidation channel is subscribed and answering pings."""
+        return time.monotonic() - self._last_heard < _DEAF_AFTER_SECONDS
+
+    async def start(self) -> None:
+        if self._caching and self._listener is None:
+            self._listener = asyncio.create_task(self._listen(), name="key-cache-invalidation")
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        self._cache.clear()
+
+    async def principal_for(self, key: str) -> Principal | None:
+        """The Principal for a presented key, or None for unknown, revoked or expired ones."""
+        digest = hash_key(key)
+        # Digests of equal length, compared in constant time: the secret itself is never compared.
+        if self._admin_digest is not None and hmac.compare_digest(digest, self._admin_digest):
+            return self._admin
+        entry = self._cached(digest)
+        if entry is None:
+            entry = await self._fetch(digest)
+        # Expiry is checked on every use, so a cached key stops working the second it expires.
+        if entry is None or not entry.key.usable(datetime.now(UTC)):
+            return None
+        return entry.principal
+
+    def invalidate(self, message: str) -> None:
+        """Drop what a `key:<sha256>` or `tenant:<id>` message names; anything else drops all."""
+        self._generation += 1
+        kind, _, value = message.partition(":")
+        if kind == "key":
+            self._cache.pop(value, None)
+        elif kind == "tenant":
+            for digest in [
+                d for d, entry in self._cache.items() if entry.principal.tenant.id == value
+            ]:
+                del self._cache[digest]
+        else:
+            self._cache.clear()
+
+    def _cached(self, digest: str) -> _Entry | None:
+        if not self._caching:
+            return None
+        entry = self._cache.get(digest)
+        if entry is None:
+            return None
+        ttl = self._cache_seconds if self.listening else _FALLBACK_TTL_SECONDS
+        if time.monotonic() - entry.fetched_at >= ttl:
+            del self._cache[digest]
+            return None
+        self._cache.move_to_end(digest)
+        return entry
+
+    async def _fetch(self, digest: str) -> _Entry | None:
+        generation = self._generation
+        fetched_at = time.monotonic()
+        key = await self._store.key_by_hash(digest)
+        if key is None:
+            # Unknown keys are not cached: a key minted a moment ago must work at once, and
+            # guessing is throttled by the auth-failure limiter, not by this cache.
+            return None
+        tenant = await self._store.get_tenant(key.tenant)
+        if tenant is None:
+            return None
+        principal = Principal(
+            tenant=tenant, key_id=key.id, key_prefix=key.prefix, scopes=frozenset(key.scopes)
+        )
+        entry = _Entry(key=key, principal=principal, fetched_at=fetched_at)
+        if self._caching and generation == self._generation and key.usable():
+            self._cache[digest] = entry
+            if len(self._cache) > _CACHE_MAX_ENTRIES:
+                self._cache.popitem(last=False)
+        return entry
+
+    async def _listen(self) -> None:
+        assert self._redis is not None
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(redis_keys.CHANNEL_INVALIDATE)
+                await self._pump(pubsub)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any Redis or socket failure: reconnect, never die
+                log.warning("key_cache_channel_lost", error=type(exc).__name__)
+            finally:
+                self._last_heard = float("-inf")
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(_RECONNECT_DELAY_SECONDS)
+
+    async def _pump(self, pubsub: PubSub) -> None:
+        last_ping = 0.0
+        while True:
+            now = time.monotonic()
+            if now - last_ping >= _PING_INTERVAL_SECONDS:
+                await pubsub.ping()
+                last_ping = now
+            message = await pubsub.get_message(timeout=_PING_INTERVAL_SECONDS)
+            if message is None:
+                continue
+            kind = message.get("type")
+            if kind in (b"subscribe", "subscribe"):
+                # Messages published while we were not subscribed are lost: start from nothing.
+                self.invalidate("all")
+            elif kind in (b"message", "message"):
+                data = message["data"]
+                self.invalidate(data.decode() if isinstance(data, bytes) else str(data))
+            self._last_heard = time.monotonic()
+
+
+def _client_address(request: Request) -> str:
+    from app.limits import client_address
+
+    state = get_state(request)
+    host = request.client.host if request.client is not None else "unknown"
+    return str(
+        client_address(host, request.headers.get("x-forwarded-for"), state.settings.trusted_proxies)
+    )
+
+
+async def authenticate(request: Request) -> Principal:
+    """The caller's Principal, or 401 (one answer for missing, unknown, revoked and expired)."""
+    state = get_state(request)
+    address = _client_address(request)
+    state.auth_failures.check(address)
+    key = key_from_headers(request.headers.get("authorization"), request.headers.get("x-api-key"))
+    principal = None if key is None else await state.authenticator.principal_for(key)
+    if principal is None:
+        await state.auth_failures.failed(address)
+        raise Unauthorized()
+    request.state.principal = principal
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(authenticate)]
+
+
+def require_scope(scope: str) -> Callable[..., Awaitable[Principal]]:
+    """A dependency: the caller's Principal if its key has `scope`, else 403."""
+
+    async def dependency(principal: PrincipalDep) -> Principal:
+        if not principal.can(scope):
+            raise Forbidden(f"this key lacks the '{scope}' scope")
+        return principal
+
+    dependency.__name__ = f"require_{scope}_scope"
+    return dependency

@@ -1,0 +1,364 @@
+"""Where tenants and keys live: one Protocol, a Redis store (shared by every replica) and an
+in-process one (one process only, for `GATEWAY_REDIS_URL` unset).
+
+Redis layout (prefixes from `app.redis_keys`):
+
+- `pgw:tenant:<id>` tenant JSON; `pgw:tenants` the set of tenant ids
+- `pgw:key:<sha256>` key JSON (hash, prefix, scopes, never the key itself)
+- `pgw:keyid:<key id>` the sha256 of that key; `pgw:tenant-keys:<tenant>` the tenant's key ids
+
+Every write runs in MULTI/EXEC (with WATCH where it reads first) and publishes `key:<sha256>` or
+`tenant:<id>` on `pgw:invalidate` inside the same transaction, so a process caching lookups hears
+of a change exactly when it becomes visible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, Final, Protocol, TypeVar
+
+import orjson
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import WatchError
+
+from app import redis_keys
+from app.errors import Conflict, NotFound
+from app.tenancy.keys import generate_key, generate_key_id, hash_key, key_prefix
+from app.tenancy.models import ApiKey, Scope, Tenant, TenantCreate, TenantUpdate
+
+__all__ = [
+    "MemoryTenantStore",
+    "RedisTenantStore",
+    "TenantStore",
+    "create_store",
+    "invalidation_for_key",
+    "invalidation_for_tenant",
+]
+
+_T = TypeVar("_T")
+# Fields whose None means "the default" in a PATCH, because the stored tenant can't hold None.
+_NOT_NULLABLE: Final = ("allowed_languages", "cache")
+_WATCH_RETRIES: Final = 20
+
+
+class TenantStore(Protocol):
+    async def create_tenant(self, data: TenantCreate) -> Tenant: ...
+    async def get_tenant(self, tenant_id: str) -> Tenant | None: ...
+    async def list_tenants(self) -> list[Tenant]: ...
+    async def update_tenant(self, tenant_id: str, patch: TenantUpdate) -> Tenant: ...
+    async def delete_tenant(self, tenant_id: str) -> None: ...
+    async def create_key(
+        self,
+        tenant_id: str,
+        *,
+        name: str | None = None,
+        scopes: list[Scope] | None = None,
+        expires_at: datetime | None = None,
+    ) -> tuple[ApiKey, str]: ...
+    async def list_keys(self, tenant_id: str) -> list[ApiKey]: ...
+    async def revoke_key(self, key_id: str) -> ApiKey: ...
+    async def key_by_hash(self, digest: str) -> ApiKey | None: ...
+
+
+def invalidation_for_key(digest: str) -> str:
+    return f"key:{digest}"
+
+
+def invalidation_for_tenant(tenant_id: str) -> str:
+    return f"tenant:{tenant_id}"
+
+
+def _tenant_exists(tenant_id: str) -> NotFound:
+    return NotFound(f"tenant '{tenant_id}' does not exist")
+
+
+def _new_tenant(data: TenantCreate) -> Tenant:
+    # None in the body means "not given": the stored tenant's own defaults apply.
+    return Tenant.model_validate(data.model_dump(exclude_none=True))
+
+
+def _patched(tenant: Tenant, patch: TenantUpdate) -> Tenant:
+    merged: dict[str, Any] = tenant.model_dump()
+    merged["created_at"] = tenant.created_at
+    for name in patch.model_fields_set:
+        merged[name] = getattr(patch, name)
+    for name in _NOT_NULLABLE:
+        if merged.get(name) is None:
+            merged.pop(name, None)
+    return Tenant.model_validate(merged)
+
+
+def _new_key(
+    tenant_id: str, *, name: str | None, scopes: list[Scope] | None, expires_at: datetime | None
+) -> tuple[ApiKey, str]:
+    secret = generate_key()
+    key = ApiKey(
+        id=generate_key_id(),
+        tenant=tenant_id,
+        name=name,
+        prefix=key_prefix(secret),
+        scopes=list(dict.fromkeys(scopes)) if scopes else ["execute"],
+        created_at=datetime.now(UTC),
+        expires_at=expires_at.astimezone(UTC) if expires_at is not None else None,
+        hash=hash_key(secret),
+    )
+    return key, secret
+
+
+def _sorted_keys(keys: list[ApiKey]) -> list[ApiKey]:
+    return sorted(keys, key=lambda key: (key.created_at, key.id))
+
+
+def _begin(pipe: Pipeline) -> None:
+    """End the WATCHed reads and start queueing the MULTI block."""
+    pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _dump_tenant(tenant: Tenant) -> bytes:
+    return orjson.dumps(tenant.model_dump(mode="json"))
+
+
+def _dump_key(key: ApiKey) -> bytes:
+    # `hash` is excluded from every answer, but the store must keep it (lookup by id needs it).
+    return orjson.dumps({**key.model_dump(mode="json"), "hash": key.hash})
+
+
+def _load_tenant(raw: bytes | str) -> Tenant:
+    return Tenant.model_validate_json(raw)
+
+
+def _load_key(raw: bytes | str) -> ApiKey:
+    return ApiKey.model_validate_json(raw)
+
+
+class RedisTenantStore:
+    """Tenants and keys in Redis, shared by every gateway process and the CLI."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+
+    async def _transaction(self, body: Callable[[Pipeline], Awaitable[_T]], *watch: str) -> _T:
+        """Run `body` under WATCH (it reads, calls `_begin`, queues writes); retried on a race."""
+        for _ in range(_WATCH_RETRIES):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(*watch)
+                    result = await body(pipe)
+                    await pipe.execute()
+                    return result
+                except WatchError:
+                    continue
+        raise Conflict("the store is busy with concurrent changes to this item; try again")
+
+    async def create_tenant(self, data: TenantCreate) -> Tenant:
+        tenant = _new_tenant(data)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(redis_keys.TENANT + tenant.id, _dump_tenant(tenant), nx=True)
+            pipe.sadd(redis_keys.TENANT_INDEX, tenant.id)
+            pipe.publish(redis_keys.CHANNEL_INVALIDATE, invalidation_for_tenant(tenant.id))
+            created, *_ = await pipe.execute()
+        if not created:
+            raise Conflict(f"tenant '{tenant.id}' already exists")
+        return tenant
+
+    async def get_tenant(self, tenant_id: str) -> Tenant | None:
+        raw = await self._redis.get(redis_keys.TENANT + tenant_id)
+        return None if raw is None else _load_tenant(raw)
+
+    async def list_tenants(self) -> list[Tenant]:
+        ids = sorted(_text(item) for item in await self._redis.smembers(redis_keys.TENANT_INDEX))
+        if not ids:
+            return []
+        raws = await self._redis.mget([redis_keys.TENANT + tenant_id for tenant_id in ids])
+        return [_load_tenant(raw) for raw in raws if raw is not None]
+
+    async def update_tenant(self, tenant_id: str, patch: TenantUpdate) -> Tenant:
+        key = redis_keys.TENANT + tenant_id
+
+        async def body(pipe: Pipeline) -> Tenant:
+            raw = await pipe.get(key)
+            if raw is None:
+                raise _tenant_exists(tenant_id)
+            tenant = _patched(_load_tenant(raw), patch)
+            _begin(pipe)
+            pipe.set(key, _dump_tenant(tenant))
+            pipe.publish(redis_keys.CHANNEL_INVALIDATE, invalidation_for_tenant(tenant_id))
+            return tenant
+
+        return await self._transaction(body, key)
+
+    async def delete_tenant(self, tenant_id: str) -> None:
+        tenant_key = redis_keys.TENANT + tenant_id
+        keys_set = redis_keys.TENANT_KEYS + tenant_id
+
+        async def body(pipe: Pipeline) -> None:
+            if not await pipe.exists(tenant_key):
+                raise _tenant_exists(tenant_id)
+            key_ids = [_text(item) for item in await pipe.smembers(keys_set)]
+            digests = (
+                await pipe.mget([redis_keys.KEY_BY_ID + key_id for key_id in key_ids])
+                if key_ids
+                else []
+            )
+            _begin(pipe)
+            pipe.delete(tenant_key, keys_set)
+            pipe.srem(redis_keys.TENANT_INDEX, tenant_id)
+            # The keys go with the tenant: a lookup then finds nothing, the strongest revocation,
+            # and a tenant created later under the same id does not inherit them.
+            for key_id, digest in zip(key_ids, digests, strict=True):
+                pipe.delete(redis_keys.KEY_BY_ID + key_id)
+                if digest is not None:
+                    pipe.delete(redis_keys.KEY + _text(digest))
+                    pipe.publish(redis_keys.CHANNEL_INVALIDATE, invalidation_for_key(_text(digest)))
+            pipe.publish(redis_keys.CHANNEL_INVALIDATE, invalidation_for_tenant(tenant_id))
+
+        # Watching the key set too: a key minted mid-delete retries the delete rather than survive.
+        await self._transaction(body, tenant_key, keys_set)
+
+    async def create_key(
+        self,
+        tenant_id: str,
+        *,
+        name: str | None = None,
+        scopes: list[Scope] | None = None,
+        expires_at: datetime | None = None,
+    ) -> tuple[ApiKey, str]:
+        key, secret = _new_key(tenant_id, name=name, scopes=scopes, expires_at=expires_at)
+        tenant_key = redis_keys.TENANT + tenant_id
+
+        async def body(pipe: Pipeline) -> None:
+            # Watching the tenant makes "it exists" and "the key is written" one atomic fact.
+            if not await pipe.exists(tenant_key):
+                raise _tenant_exists(tenant_id)
+            _begin(pipe)
+            pipe.set(redis_keys.KEY + key.hash, _dump_key(key))
+            pipe.set(redis_keys.KEY_BY_ID + key.id, key.hash)
+            pipe.sadd(redis_keys.TENANT_KEYS + tenant_id, key.id)
+            # Published although nothing cached it yet, so no process keeps a stale negative.
+            pipe.publish(redis_keys.CHANNEL_INVALIDATE, invalidation_for_key(key.hash))
+
+        await self._transaction(body, tenant_key)
+        return key, secret
+
+    async def list_keys(self, tenant_id: str) -> list[ApiKey]:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.exists(redis_keys.TENANT + tenant_id)
+            pipe.smembers(redis_keys.TENANT_KEYS + tenant_id)
+            exists, members = await pipe.execute()
+        if not exists:
+            raise _tenant_exists(tenant_id)
+        key_ids = [_text(item) for item in members]
+        if not key_ids:
+            return []
+        digests = await self._redis.mget([redis_keys.KEY_BY_ID + key_id for key_id in key_ids])
+        present = [_text(digest) for digest in digests if digest is not None]
+        if not present:
+            return []
+        raws = await self._redis.mget([redis_keys.KEY + digest for digest in present])
+        return _sorted_keys([_load_key(raw) for raw in raws if raw is not None])
+
+    async def revoke_key(self, key_id: str) -> ApiKey:
+        raw_digest = await self._redis.get(redis_keys.KEY_BY_ID + key_id)
+        if raw_digest is None:
+            raise NotFound(f"key '{key_id}' does not exist")
+        record = redis_keys.KEY + _text(raw_digest)
+
+        async def body(pipe: Pipeline) -> ApiKey:
+            raw = await pipe.get(record)
+            if raw is None:
+                raise NotFound(f"key '{key_id}' does not exist")
+            key = _load_key(raw).model_copy(update={"revoked": True})
+            _begin(pipe)
+            pipe.set(record, _dump_key(key))
+            pipe.publish(redis_keys.CHANNEL_INVALIDATE, invalidation_for_key(key.hash))
+            return key
+
+        return await self._transaction(body, record)
+
+    async def key_by_hash(self, digest: str) -> ApiKey | None:
+        raw = await self._redis.get(redis_keys.KEY + digest)
+        return None if raw is None else _load_key(raw)
+
+
+class MemoryTenantStore:
+    """Tenants and keys in this process only: nothing is shared, nothing survives a restart.
+
+    The gateway's authenticator does not cache over this store (a dict lookup is the cache), so
+    no invalidation messages are needed.
+    """
+
+    def __init__(self) -> None:
+        self._tenants: dict[str, Tenant] = {}
+        self._keys: dict[str, ApiKey] = {}  # by sha256
+        self._key_ids: dict[str, str] = {}  # key id -> sha256
+
+    async def create_tenant(self, data: TenantCreate) -> Tenant:
+        if data.id in self._tenants:
+            raise Conflict(f"tenant '{data.id}' already exists")
+        tenant = _new_tenant(data)
+        self._tenants[tenant.id] = tenant
+        return tenant
+
+    async def get_tenant(self, tenant_id: str) -> Tenant | None:
+        return self._tenants.get(tenant_id)
+
+    async def list_tenants(self) -> list[Tenant]:
+        return [self._tenants[tenant_id] for tenant_id in sorted(self._tenants)]
+
+    async def update_tenant(self, tenant_id: str, patch: TenantUpdate) -> Tenant:
+        tenant = self._tenants.get(tenant_id)
+        if tenant is None:
+            raise _tenant_exists(tenant_id)
+        updated = _patched(tenant, patch)
+        self._tenants[tenant_id] = updated
+        return updated
+
+    async def delete_tenant(self, tenant_id: str) -> None:
+        if self._tenants.pop(tenant_id, None) is None:
+            raise _tenant_exists(tenant_id)
+        for digest, key in list(self._keys.items()):
+            if key.tenant == tenant_id:
+                del self._keys[digest]
+                del self._key_ids[key.id]
+
+    async def create_key(
+        self,
+        tenant_id: str,
+        *,
+        name: str | None = None,
+        scopes: list[Scope] | None = None,
+        expires_at: datetime | None = None,
+    ) -> tuple[ApiKey, str]:
+        if tenant_id not in self._tenants:
+            raise _tenant_exists(tenant_id)
+        key, secret = _new_key(tenant_id, name=name, scopes=scopes, expires_at=expires_at)
+        self._keys[key.hash] = key
+        self._key_ids[key.id] = key.hash
+        return key, secret
+
+    async def list_keys(self, tenant_id: str) -> list[ApiKey]:
+        if tenant_id not in self._tenants:
+            raise _tenant_exists(tenant_id)
+        return _sorted_keys([key for key in self._keys.values() if key.tenant == tenant_id])
+
+    async def revoke_key(self, key_id: str) -> ApiKey:
+        digest = self._key_ids.get(key_id)
+        if digest is None:
+            raise NotFound(f"key '{key_id}' does not exist")
+        key = self._keys[digest].model_copy(update={"revoked": True})
+        self._keys[digest] = key
+        return key
+
+    async def key_by_hash(self, digest: str) -> ApiKey | None:
+        return self._keys.get(digest)
+
+
+def create_store(redis: Redis | None) -> TenantStore:
+    """The Redis store when Redis is configured, else the in-process one."""
+    return MemoryTenantStore() if redis is None else RedisTenantStore(redis)
