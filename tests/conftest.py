@@ -1,9 +1,17 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
 
+import httpx
 import pytest
+from fastapi import FastAPI
+from redis.asyncio import Redis
 
+from app.settings import Settings
+from app.tenancy.models import TenantCreate
 from tests.support import RedisServer, Service, start_engine
 
 
@@ -22,3 +30,67 @@ def engine() -> Iterator[Service]:
     service = start_engine()
     yield service
     service.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process gateways (create_app + lifespan + ASGITransport) on the suite's Redis and engine.
+
+ADMIN_KEY = "pgw_test_admin_key_0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+@dataclass
+class Gateway:
+    app: FastAPI
+    client: httpx.AsyncClient
+    state: Any  # app.state.AppState
+
+    async def tenant(self, tenant_id: str = "acme", **fields: Any) -> str:
+        """Create a tenant and mint an execute key for it; returns the key."""
+        await self.state.store.create_tenant(TenantCreate(id=tenant_id, **fields))
+        _, key = await self.state.store.create_key(
+            tenant_id, name="test", scopes=["execute"], expires_at=None
+        )
+        return key
+
+    async def execute(self, key: str, body: dict[str, Any], **headers: str) -> httpx.Response:
+        return await self.client.post(
+            "/api/v2/execute", json=body, headers={"Authorization": f"Bearer {key}", **headers}
+        )
+
+
+GatewayFactory = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def make_gateway(
+    redis_server: RedisServer, engine: Service
+) -> AsyncIterator[GatewayFactory]:
+    """Build gateways with their own settings over a flushed Redis; closes them after the test."""
+    flusher = Redis.from_url(redis_server.url)
+    await flusher.flushall()
+    await flusher.aclose()
+    async with AsyncExitStack() as stack:
+
+        async def make(*, transport: Any = None, **overrides: Any) -> Gateway:
+            from app.main import create_app  # imported late: unit tests need none of it
+
+            values: dict[str, Any] = {
+                "piston_urls": [engine.url],
+                "redis_url": redis_server.url,
+                "admin_key": ADMIN_KEY,
+                **overrides,
+            }
+            app = create_app(Settings(**values), upstream_transport=transport)
+            await stack.enter_async_context(app.router.lifespan_context(app))
+            client = httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60
+            )
+            await stack.enter_async_context(client)
+            return Gateway(app, client, app.state.gateway)
+
+        yield make
+
+
+@pytest.fixture
+async def gateway(make_gateway: GatewayFactory) -> Gateway:
+    return await make_gateway()

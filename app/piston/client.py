@@ -101,7 +101,16 @@ def upstream_error(status_code: int, body: bytes) -> GatewayError:
         if not isinstance(message, str):
             message = f"the upstream refused the request with status {status_code}"
         return GatewayError(message, status_code=status_code)
-    return BadGateway(f"the upstream failed with status {status_code}")
+    return BadGateway(f"the upstream failed with status {status_code}{_upstream_reason(body)}")
+
+
+def _upstream_reason(body: bytes) -> str:
+    """Piston's own words for a 5xx (e.g. a package that failed to install), if it gave any."""
+    with contextlib.suppress(orjson.JSONDecodeError):
+        data = orjson.loads(body)
+        if isinstance(data, dict) and isinstance(data.get("message"), str) and data["message"]:
+            return f": {data['message'][:200]}"
+    return ""
 
 
 class PistonPool:

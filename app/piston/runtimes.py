@@ -7,7 +7,7 @@ the hot path does no semver work for a request it has seen before.
 
 from __future__ import annotations
 
-from app.errors import BadRequest
+from app.errors import BadRequest, ServiceUnavailable
 from app.piston.client import PistonPool
 from app.piston.resolve import Runtime, resolve_runtime, unknown_runtime_message
 
@@ -46,6 +46,8 @@ class RuntimeCatalog:
     def resolve(self, language: str, selector: str) -> Runtime:
         """The runtime Piston would pick, or Piston's own 400 without a round trip."""
         runtime = self.find(language, selector)
+        if runtime is None and not self.runtimes:
+            raise ServiceUnavailable("no upstream Piston is reachable; try again shortly")
         if runtime is None:
             raise BadRequest(unknown_runtime_message(language, selector))
         return runtime

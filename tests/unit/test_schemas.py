@@ -1,0 +1,103 @@
+"""Execute bodies are checked with Piston's messages, plus the checks Piston leaves to the job."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from app.errors import BadRequest
+from app.piston.schemas import enforce_caps, parse_execute, require_utf8_file
+
+
+def body(**overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"language": "python", "version": "*", "files": [{"content": "x"}]}
+    base.update(overrides)
+    return base
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ([], "request body must be a JSON object"),
+        ({"version": "*", "files": []}, "language is required as a string"),
+        (body(language=3), "language is required as a string"),
+        (body(version=None), "version is required as a string"),
+        (body(files="x"), "files is required as an array"),
+        (body(files=[]), "files must include at least one file"),
+        (body(files=[{"content": 1}]), "files[0].content is required as a string"),
+        (body(files=["x"]), "files[0] must be an object with a content string"),
+        (body(files=[{"content": "x"}, {"name": 5, "content": "y"}]), "files[1].name must be a string"),
+        (body(files=[{"name": "/etc/passwd", "content": "x"}]), "files[0].name must be a relative path"),
+        (body(files=[{"name": "../x", "content": "x"}]), "files[0].name must be a relative path"),
+        (body(files=[{"name": "a/../../x", "content": "x"}]), "files[0].name must be a relative path"),
+        (body(files=[{"name": "..", "content": "x"}]), "files[0].name must be a relative path"),
+        (body(files=[{"content": "x", "encoding": "rot13"}]), "files[0].encoding must be one of"),
+        (body(files=[{"content": "%%%", "encoding": "base64"}]), "files[0].content is not valid base64"),
+        (body(files=[{"content": "zz", "encoding": "hex"}]), "files[0].content is not valid hex"),
+        (body(stdin=5), "stdin must be a string"),
+        (body(args="a b"), "args must be an array of strings"),
+        (body(args=[1]), "args must be an array of strings"),
+        (body(run_timeout="3000"), "If specified, run_timeout must be a number"),
+        (body(run_timeout=True), "If specified, run_timeout must be a number"),
+        (body(compile_memory_limit=1.5), "If specified, compile_memory_limit must be a whole number"),
+    ],
+)
+def test_bad_bodies(raw: Any, message: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        parse_execute(raw)
+    assert info.value.message.startswith(message)
+    assert info.value.status_code == 400
+
+
+def test_too_many_files() -> None:
+    with pytest.raises(BadRequest, match="more than 2 files"):
+        parse_execute(body(files=[{"content": "a"}] * 3), max_files=2)
+
+
+def test_good_body() -> None:
+    parsed = parse_execute(
+        body(
+            files=[{"name": "src/main.py", "content": "print(1)"}, {"content": "aGk=", "encoding": "base64"}],
+            stdin="in", args=["a"], run_timeout=1000.0,
+        )
+    )
+    assert parsed.files[0].name == "src/main.py"
+    assert parsed.files[1].encoding == "base64"
+    assert parsed.limits["run_timeout"] == 1000
+    assert parsed.limits["compile_timeout"] is None
+    assert parsed.as_json()["run_timeout"] == 1000
+    assert "compile_timeout" not in parsed.as_json()
+
+
+def test_needs_a_utf8_file() -> None:
+    parsed = parse_execute(body(files=[{"content": "aGk=", "encoding": "base64"}]))
+    with pytest.raises(BadRequest, match="at least one utf8"):
+        require_utf8_file(parsed)
+
+
+@pytest.mark.parametrize(
+    ("limits", "caps", "message"),
+    [
+        ({"run_timeout": 5000}, {"run_timeout": 3000}, "run_timeout cannot exceed the configured limit of 3000"),
+        ({"run_timeout": -5}, {"run_timeout": 3000}, "run_timeout must be non-negative"),
+        ({"run_memory_limit": -1}, {"run_memory_limit": 1000}, "run_memory_limit must be non-negative"),
+        ({"run_cpu_time": -3}, {"run_cpu_time": -1}, "run_cpu_time must be non-negative"),
+    ],
+)
+def test_caps_refused(limits: dict[str, int], caps: dict[str, int], message: str) -> None:
+    with pytest.raises(BadRequest, match=message):
+        enforce_caps(parse_execute(body(**limits)), caps)
+
+
+@pytest.mark.parametrize(
+    ("limits", "caps"),
+    [
+        ({"run_timeout": 3000}, {"run_timeout": 3000}),
+        ({"run_timeout": 0}, {"run_timeout": 3000}),
+        ({"run_memory_limit": -1}, {"run_memory_limit": -1}),
+        ({"run_memory_limit": 10**9}, {}),
+    ],
+)
+def test_caps_allowed(limits: dict[str, int], caps: dict[str, int]) -> None:
+    enforce_caps(parse_execute(body(**limits)), caps)
