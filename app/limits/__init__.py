@@ -1,0 +1,56 @@
+"""Rate limits, concurrency leases, daily quotas and usage counting for the hot path.
+
+Why not slowapi's decorator: its check is synchronous, so with Redis storage it blocks the event
+loop on every request (slowapi issue #3), and its default handler turns a Redis error into a 500
+on every route (#253). We keep slowapi's limit syntax (the `limits` library's `60/minute`,
+`10/second;500/hour`) and its header names, and do the counting ourselves: one Lua script per
+request (`RedisGate`), so the rate-limit windows, the daily quota, the concurrency lease, the
+usage counters and the cache read cost one Redis round trip together.
+
+Exports:
+- `Admission`, `Gate`, `RedisGate`, `MemoryGate`, `create_gate`: the per-tenant gate.
+- `UpstreamSlots`: the per-process cap on executions in flight to the upstreams.
+- `AuthFailureLimiter`, `client_address`: failed authentications per client address.
+"""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from app.limits.auth import AuthFailureLimiter, client_address
+from app.limits.gate import DEFAULT_LEASE_TTL_MS, USAGE_FIELDS, Admission, Gate
+from app.limits.memory_gate import MemoryGate
+from app.limits.redis_gate import RedisGate
+from app.limits.slots import UpstreamSlots
+from app.metrics import Metrics
+from app.settings import Settings
+
+__all__ = [
+    "DEFAULT_LEASE_TTL_MS",
+    "USAGE_FIELDS",
+    "Admission",
+    "AuthFailureLimiter",
+    "Gate",
+    "MemoryGate",
+    "RedisGate",
+    "UpstreamSlots",
+    "client_address",
+    "create_gate",
+]
+
+
+def create_gate(redis: Redis | None, *, settings: Settings, metrics: Metrics | None) -> Gate:
+    """The Redis gate when the app has Redis, else the in-process one (one process only)."""
+    if redis is None:
+        return MemoryGate(
+            default_rate_limit=settings.default_rate_limit,
+            strategy=settings.rate_limit_strategy,
+            metrics=metrics,
+        )
+    return RedisGate(
+        redis,
+        default_rate_limit=settings.default_rate_limit,
+        strategy=settings.rate_limit_strategy,
+        fail_open=settings.rate_limit_fail_open,
+        metrics=metrics,
+    )

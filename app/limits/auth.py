@@ -1,0 +1,186 @@
+"""Failed authentications per client address, so a key-guessing loop gets 429s.
+
+Counted with the `limits` library for real (its async Redis storage on redis-py, or its memory
+storage), with `GATEWAY_AUTH_FAILURE_RATE_LIMIT`. Only failures touch Redis: `check()` reads an
+in-process list of addresses found over the limit, so an authenticated request (the hot path)
+pays no round trip for it. With several replicas, each learns of a blocked address at its own
+next failure from it, so a guessing loop gets at most one more try per replica per window.
+Redis errors fail open: authentication must keep working when Redis does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from collections.abc import Sequence
+from typing import Final
+
+import structlog
+from limits import RateLimitItem, parse_many
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter, RateLimiter
+from redis.asyncio import ConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from app.errors import TooManyRequests
+from app.limits.gate import retry_after
+from app.metrics import Metrics
+from app.redis_keys import RATE_LIMIT
+from app.settings import Settings
+
+__all__ = ["AUTH_FAILURE_PREFIX", "AuthFailureLimiter", "client_address"]
+
+log = structlog.get_logger(__name__)
+
+# pgw:rl:auth:LIMITER/<address>/20/1/minute (the limits library's key under our prefix)
+AUTH_FAILURE_PREFIX: Final = RATE_LIMIT + "auth"
+_DEADLINE_S: Final = 1.0
+_OUTAGE_LOG_INTERVAL_S: Final = 30.0
+_MAX_BLOCKED: Final = 100_000  # addresses remembered; beyond it the expired ones are dropped
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class AuthFailureLimiter:
+    """`check(addr)` before authenticating (sync, no I/O); `await failed(addr)` on a failure."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        redis_url: object | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._items: list[RateLimitItem] = parse_many(settings.auth_failure_rate_limit)
+        self._metrics = metrics
+        self._pool: ConnectionPool | None = None
+        storage: Storage
+        if redis_url is None:
+            storage = MemoryStorage()
+        else:
+            url = str(redis_url)
+            # A pool of our own with the gateway's short timeouts and one immediate retry (a
+            # connection left stale by a Redis restart), not redis-py's default of ten retries
+            # with backoff, which would hold a failed login for seconds during an outage.
+            self._pool = ConnectionPool.from_url(
+                url,
+                socket_connect_timeout=0.5,
+                socket_timeout=1.0,
+                retry=Retry(NoBackoff(), 1),
+                client_name="pgw-auth-failures",
+            )
+            storage = RedisStorage(
+                f"async+{url}",
+                implementation="redispy",
+                key_prefix=AUTH_FAILURE_PREFIX,
+                connection_pool=self._pool,  # type: ignore[arg-type]  # passed on to redis-py
+            )
+        self._limiter: RateLimiter = (
+            MovingWindowRateLimiter(storage)
+            if settings.rate_limit_strategy == "moving-window"
+            else FixedWindowRateLimiter(storage)
+        )
+        self._blocked: dict[str, float] = {}  # address -> epoch seconds when it may try again
+        self._last_outage_log = -_OUTAGE_LOG_INTERVAL_S
+
+    def check(self, address: str) -> None:
+        """Raise 429 if `address` has failed too often lately (no I/O: the hot path)."""
+        until = self._blocked.get(address)
+        if until is None:
+            return
+        now = time.time()
+        if until <= now:
+            del self._blocked[address]
+            return
+        if self._metrics is not None:
+            self._metrics.rejected.labels(reason="rate_limit").inc()
+        raise TooManyRequests(
+            "too many failed authentications from this address; try again later",
+            headers={"Retry-After": retry_after(until - now)},
+        )
+
+    async def failed(self, address: str) -> None:
+        """Count one failed authentication; past the limit, `check(address)` starts refusing."""
+        try:
+            async with asyncio.timeout(_DEADLINE_S):
+                for item in self._items:
+                    await self._limiter.hit(item, address)
+                until = 0.0
+                for item in self._items:
+                    # Exhausted now means the next attempt would be over: block it from here.
+                    if not await self._limiter.test(item, address):
+                        stats = await self._limiter.get_window_stats(item, address)
+                        until = max(until, stats.reset_time)
+        except Exception as exc:  # any storage failure: fail open, auth must keep working
+            self._log_outage(exc)
+            return
+        if until:
+            self._remember(address, until)
+
+    def _remember(self, address: str, until: float) -> None:
+        if len(self._blocked) >= _MAX_BLOCKED:
+            now = time.time()
+            self._blocked = {a: t for a, t in self._blocked.items() if t > now}
+        self._blocked[address] = until
+
+    def _log_outage(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._last_outage_log >= _OUTAGE_LOG_INTERVAL_S:
+            self._last_outage_log = now
+            log.warning("auth_failure_limit_unavailable", error=repr(exc), detail="failing open")
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.aclose()
+
+
+def _parse_ip(text: str) -> Address | None:
+    """An address from X-Forwarded-For, accepting `1.2.3.4:80` and `[::1]:80` as proxies write."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1 : text.find("]")] if "]" in text else text
+    elif text.count(":") == 1:
+        text = text.split(":", 1)[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    # A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d; match them against IPv4 networks.
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _trusted(address: Address, networks: Sequence[Network]) -> bool:
+    return any(address in network for network in networks)
+
+
+def client_address(
+    scope_client_host: str | None,
+    x_forwarded_for: str | None,
+    trusted_proxies: Sequence[Network],
+) -> str:
+    """The client's address: the peer, unless the peer is a trusted proxy.
+
+    Behind trusted proxies, X-Forwarded-For is read from the right (each proxy appends the
+    address it saw), skipping trusted hops; the first untrusted one is the client. Anything left
+    of it was written by the client and could be forged, so it is never used.
+    """
+    if not scope_client_host:
+        return "unknown"
+    peer = _parse_ip(scope_client_host)
+    if peer is None or not x_forwarded_for or not _trusted(peer, trusted_proxies):
+        return scope_client_host
+    last = peer
+    for hop in reversed(x_forwarded_for.split(",")):
+        address = _parse_ip(hop)
+        if address is None:
+            break  # garbage where a proxy's entry should be: trust no further than the last hop
+        if not _trusted(address, trusted_proxies):
+            return str(address)
+        last = address
+    # Every hop is trusted (or the header ends in garbage): the farthest proxy we could verify.
+    return str(last)

@@ -1,0 +1,249 @@
+"""What both gates share: the Admission, the Gate protocol, limit parsing, headers and messages.
+
+Policy names in `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers-10):
+- a tenant limit of one window is `"default"` (`"default";q=60;w=60`);
+- several windows are named by their length, `"1second"`, `"1hour"`, `"5minute"`;
+- a tenant's daily quota is listed too, as `"daily"` (`"daily";q=1000;w=86400`).
+`RateLimit`, `X-RateLimit-Limit`, `-Remaining` and `-Reset` describe the one policy closest to
+exhaustion (fewest remaining; on a tie the one that resets last), so a client that reads only
+those never overruns any of them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from typing import Final, Literal, Protocol
+
+from limits import RateLimitItem, parse_many
+
+from app.errors import TooManyRequests
+from app.metrics import Metrics
+from app.tenancy.models import Tenant
+
+__all__ = [
+    "DEFAULT_LEASE_TTL_MS",
+    "USAGE_FIELDS",
+    "USAGE_TTL_SECONDS",
+    "Admission",
+    "Gate",
+    "PolicyState",
+    "Refusal",
+    "Strategy",
+    "Window",
+    "day_end",
+    "rate_limit_headers",
+    "refusal",
+    "utc_day",
+    "windows_for",
+]
+
+Strategy = Literal["fixed-window", "moving-window"]
+
+# A lease outlives its request by this much unless the caller says otherwise; the caller should
+# pass the request's own deadline, so a dead replica's slot comes back soon after.
+DEFAULT_LEASE_TTL_MS: Final = 60_000
+# The contract keeps usage 31 days; one more so the 31st day is whole whatever the hour.
+USAGE_TTL_SECONDS: Final = 32 * 86_400
+USAGE_FIELDS: Final = (
+    "executions",
+    "cache_hits",
+    "rate_limited",
+    "errors",
+    "cpu_time_ms",
+    "wall_time_ms",
+)
+MAX_USAGE_DAYS: Final = 31
+_DAY_SECONDS: Final = 86_400
+
+
+@dataclass(slots=True)
+class Admission:
+    """What admit() decided, and what finish() needs to close the request."""
+
+    headers: dict[str, str]  # the rate-limit headers for the answer
+    cached: bytes | None  # the cache entry, when a cache key was given and present
+    lease: str | None  # the concurrency lease to release, if one was taken
+    tenant_id: str
+    day: str  # the UTC day the request was counted on (YYYY-MM-DD)
+    # True when Redis was unreachable and the gate failed open: nothing was counted, so
+    # finish() has nothing to add to and does not wait on Redis a second time.
+    degraded: bool = False
+
+
+class Gate(Protocol):
+    """Per-tenant limits, quota, concurrency leases, usage and the result-cache read/write."""
+
+    async def admit(
+        self, tenant: Tenant, *, cache_key: str | None, lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS
+    ) -> Admission: ...
+
+    async def finish(
+        self,
+        admission: Admission,
+        *,
+        error: bool,
+        cpu_time_ms: float,
+        wall_time_ms: float,
+        store: tuple[str, bytes, int] | None = None,
+    ) -> None: ...
+
+    async def read(self, cache_key: str) -> bytes | None: ...
+
+    async def store(self, cache_key: str, body: bytes, ttl_seconds: int) -> None: ...
+
+    async def usage(self, tenant_id: str, days: int = 7) -> list[dict[str, object]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """One rate-limit window of a tenant's limit string, as the gates count it."""
+
+    item: RateLimitItem  # the limits library's item, namespaced by strategy (see windows_for)
+    name: str  # the policy name in RateLimit-Policy
+
+    @property
+    def amount(self) -> int:
+        return self.item.amount
+
+    @property
+    def seconds(self) -> int:
+        return self.item.get_expiry()
+
+    def key(self, tenant_id: str) -> str:
+        # The limits library's own key shape, e.g. "fixed-window/acme/60/1/minute"; the strategy
+        # as namespace keeps a string counter and a moving-window zset from ever sharing a key.
+        return self.item.key_for(tenant_id)
+
+    def describe(self) -> str:
+        return repr(self.item)  # "60 per 1 minute"
+
+
+@lru_cache(maxsize=1024)
+def windows_for(limit: str, strategy: Strategy) -> tuple[Window, ...]:
+    """Parse a limit string once (tenants share a handful of strings) into named windows."""
+    items = parse_many(limit)
+    if len(items) == 1:
+        names = ["default"]
+    else:
+        names = []
+        for item in items:
+            base = f"{item.multiples}{item.GRANULARITY.name}"
+            name, n = base, 2
+            while name in names:  # "10/minute;100/minute" is odd but legal
+                name, n = f"{base}-{n}", n + 1
+            names.append(name)
+    return tuple(
+        Window(type(item)(item.amount, item.multiples, namespace=strategy), name)
+        for item, name in zip(items, names, strict=True)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyState:
+    """One policy's state after (or, when refused, instead of) this request."""
+
+    name: str
+    quota: int
+    window_seconds: int
+    remaining: int
+    reset: float  # epoch seconds
+
+
+def rate_limit_headers(states: Sequence[PolicyState], now: float) -> dict[str, str]:
+    if not states:
+        return {}
+    closest = min(states, key=lambda s: (s.remaining, -s.reset))
+    remaining = max(0, closest.remaining)
+    seconds_left = max(0, math.ceil(closest.reset - now))
+    return {
+        "X-RateLimit-Limit": str(closest.quota),
+        "X-RateLimit-Remaining": str(remaining),
+        "X-RateLimit-Reset": str(math.ceil(closest.reset)),
+        "RateLimit-Policy": ", ".join(
+            f'"{s.name}";q={s.quota};w={s.window_seconds}' for s in states
+        ),
+        "RateLimit": f'"{closest.name}";r={remaining};t={seconds_left}',
+    }
+
+
+def utc_day(now: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(now))
+
+
+def day_end(day: str) -> datetime:
+    """Midnight UTC after `day`: when its quota resets."""
+    return datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC) + timedelta(days=1)
+
+
+def retry_after(seconds: float) -> str:
+    # Retry-After is whole seconds; never 0, or a client would retry in a tight loop.
+    return str(max(1, math.ceil(seconds)))
+
+
+Refusal = Literal["rate_limit", "quota", "concurrency"]
+
+
+def refusal(
+    reason: Refusal,
+    *,
+    metrics: Metrics | None,
+    headers: Mapping[str, str],
+    retry_seconds: float,
+    limit: str,
+) -> TooManyRequests:
+    """The 429 for a refused request; `limit` is the text that names what was reached."""
+    if metrics is not None:
+        metrics.rejected.labels(reason=reason).inc()
+    if reason == "rate_limit":
+        message = f"rate limit exceeded: {limit}"
+    elif reason == "quota":
+        message = limit
+    else:
+        message = f"concurrency limit of {limit} executions in flight reached"
+    return TooManyRequests(message, headers={**headers, "Retry-After": retry_after(retry_seconds)})
+
+
+def quota_message(quota: int, day: str) -> str:
+    resets = day_end(day).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"daily quota of {quota} executions reached; it resets at {resets}"
+
+
+def quota_state(quota: int, used: int, day: str) -> PolicyState:
+    return PolicyState(
+        name="daily",
+        quota=quota,
+        window_seconds=_DAY_SECONDS,
+        remaining=max(0, quota - used),
+        reset=day_end(day).timestamp(),
+    )
+
+
+def usage_days(now: float, days: int) -> list[str]:
+    """The UTC days a usage report covers, today first."""
+    if not 1 <= days <= MAX_USAGE_DAYS:
+        raise ValueError(f"days must be between 1 and {MAX_USAGE_DAYS}")
+    return [utc_day(now - n * _DAY_SECONDS) for n in range(days)]
+
+
+def usage_row(day: str, counters: Mapping[str, float]) -> dict[str, object]:
+    """The contract's shape for one day; whole numbers stay ints in the JSON."""
+    row: dict[str, object] = {"date": day}
+    for name in USAGE_FIELDS:
+        value = float(counters.get(name, 0))
+        row[name] = int(value) if value.is_integer() else round(value, 3)
+    return row
+
+
+@dataclass(slots=True)
+class UsageCounters:
+    """One tenant-day of usage, as the in-process gate keeps it."""
+
+    values: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, amount: float = 1) -> None:
+        self.values[name] = self.values.get(name, 0) + amount

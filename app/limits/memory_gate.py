@@ -1,0 +1,219 @@
+"""The in-process gate, for when GATEWAY_REDIS_URL is unset: one process only.
+
+The windows are counted by the `limits` library's own MemoryStorage and strategies; the quota,
+leases, usage and cache are plain dicts. One lock around each admit makes the check-then-take
+atomic, as the Lua script is in Redis: a refused request consumes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import OrderedDict
+from typing import Final
+
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter, RateLimiter
+
+from app.limits.gate import (
+    DEFAULT_LEASE_TTL_MS,
+    MAX_USAGE_DAYS,
+    Admission,
+    PolicyState,
+    Refusal,
+    Strategy,
+    UsageCounters,
+    day_end,
+    quota_message,
+    quota_state,
+    rate_limit_headers,
+    refusal,
+    usage_days,
+    usage_row,
+    utc_day,
+    windows_for,
+)
+from app.metrics import Metrics
+from app.tenancy.models import Tenant
+
+__all__ = ["MemoryGate"]
+
+_DEFAULT_CACHE_ENTRIES: Final = 10_000
+
+
+class MemoryGate:
+    """The gate for a single process without Redis (development, `piston-gateway dev`)."""
+
+    def __init__(
+        self,
+        *,
+        default_rate_limit: str,
+        strategy: Strategy = "fixed-window",
+        metrics: Metrics | None = None,
+        cache_max_entries: int = _DEFAULT_CACHE_ENTRIES,
+    ) -> None:
+        self._default_rate_limit = default_rate_limit
+        self._strategy: Strategy = strategy
+        self._metrics = metrics
+        self._storage = MemoryStorage()
+        self._limiter: RateLimiter = (
+            MovingWindowRateLimiter(self._storage)
+            if strategy == "moving-window"
+            else FixedWindowRateLimiter(self._storage)
+        )
+        self._lock = asyncio.Lock()
+        self._quota: dict[tuple[str, str], int] = {}
+        self._leases: dict[str, dict[str, float]] = {}  # tenant -> lease -> expiry (monotonic)
+        self._usage: dict[tuple[str, str], UsageCounters] = {}
+        self._cache: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._cache_max_entries = cache_max_entries
+
+    async def admit(
+        self, tenant: Tenant, *, cache_key: str | None, lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS
+    ) -> Admission:
+        now = time.time()
+        day = utc_day(now)
+        windows = windows_for(tenant.rate_limit or self._default_rate_limit, self._strategy)
+        quota = tenant.daily_quota or 0
+        usage = self._usage_for(tenant.id, day)
+        cached = self._cached(cache_key) if cache_key else None
+        async with self._lock:
+            # Read every window first: a refusal by one must not consume the others.
+            allowed = [await self._limiter.test(w.item, tenant.id) for w in windows]
+            quota_used = self._quota.get((tenant.id, day), 0)
+            leases = self._live_leases(tenant.id)
+            want_lease = bool(tenant.max_concurrency) and cached is None
+            reason: Refusal | None = None
+            if not all(allowed):
+                reason = "rate_limit"
+            elif quota and quota_used >= quota:
+                reason = "quota"
+            elif want_lease and len(leases) >= (tenant.max_concurrency or 0):
+                reason = "concurrency"
+            if reason is None:
+                for w in windows:
+                    await self._limiter.hit(w.item, tenant.id)
+                if quota:
+                    quota_used += 1
+                    self._quota[(tenant.id, day)] = quota_used
+            states = []
+            for w in windows:
+                stats = await self._limiter.get_window_stats(w.item, tenant.id)
+                states.append(
+                    PolicyState(w.name, w.amount, w.seconds, stats.remaining, stats.reset_time)
+                )
+        if quota:
+            states.append(quota_state(quota, quota_used, day))
+        headers = rate_limit_headers(states, now)
+
+        if reason is not None:
+            usage.add("rate_limited")
+            if reason == "rate_limit":
+                full = [
+                    (w, s.reset)
+                    for w, s, ok in zip(windows, states[: len(windows)], allowed, strict=True)
+                    if not ok
+                ]
+                window, reset = max(full, key=lambda pair: pair[1])
+                raise refusal(
+                    reason,
+                    metrics=self._metrics,
+                    headers=headers,
+                    retry_seconds=reset - now,
+                    limit=window.describe(),
+                )
+            if reason == "quota":
+                raise refusal(
+                    reason,
+                    metrics=self._metrics,
+                    headers=headers,
+                    retry_seconds=day_end(day).timestamp() - now,
+                    limit=quota_message(quota, day),
+                )
+            raise refusal(
+                "concurrency",
+                metrics=self._metrics,
+                headers=headers,
+                retry_seconds=1,
+                limit=str(tenant.max_concurrency),
+            )
+
+        lease = None
+        if want_lease:
+            lease = uuid.uuid4().hex
+            leases[lease] = time.monotonic() + lease_ttl_ms / 1000
+        usage.add("executions")
+        if cached is not None:
+            usage.add("cache_hits")
+        return Admission(headers=headers, cached=cached, lease=lease, tenant_id=tenant.id, day=day)
+
+    def _live_leases(self, tenant_id: str) -> dict[str, float]:
+        """The tenant's leases, the expired ones dropped (a request that never finished)."""
+        leases = self._leases.setdefault(tenant_id, {})
+        now = time.monotonic()
+        for lease in [lease for lease, expiry in leases.items() if expiry <= now]:
+            del leases[lease]
+        return leases
+
+    def _usage_for(self, tenant_id: str, day: str) -> UsageCounters:
+        counters = self._usage.get((tenant_id, day))
+        if counters is None:
+            counters = self._usage[(tenant_id, day)] = UsageCounters()
+            self._forget_old_usage()
+        return counters
+
+    def _forget_old_usage(self) -> None:
+        """Keep 31 days, as Redis does: runs when a new tenant-day starts, so rarely."""
+        keep = set(usage_days(time.time(), MAX_USAGE_DAYS))
+        for key in [key for key in self._usage if key[1] not in keep]:
+            del self._usage[key]
+
+    async def finish(
+        self,
+        admission: Admission,
+        *,
+        error: bool,
+        cpu_time_ms: float,
+        wall_time_ms: float,
+        store: tuple[str, bytes, int] | None = None,
+    ) -> None:
+        if admission.lease is not None:
+            self._leases.get(admission.tenant_id, {}).pop(admission.lease, None)
+        usage = self._usage_for(admission.tenant_id, admission.day)
+        if error:
+            usage.add("errors")
+        usage.add("cpu_time_ms", cpu_time_ms)
+        usage.add("wall_time_ms", wall_time_ms)
+        if store is not None:
+            await self.store(*store)
+
+    def _cached(self, cache_key: str) -> bytes | None:
+        entry = self._cache.get(cache_key)
+        if entry is None:
+            return None
+        expiry, body = entry
+        if expiry <= time.monotonic():
+            del self._cache[cache_key]
+            return None
+        self._cache.move_to_end(cache_key)
+        return body
+
+    async def read(self, cache_key: str) -> bytes | None:
+        return self._cached(cache_key)
+
+    async def store(self, cache_key: str, body: bytes, ttl_seconds: int) -> None:
+        if ttl_seconds <= 0:
+            return
+        self._cache[cache_key] = (time.monotonic() + ttl_seconds, body)
+        self._cache.move_to_end(cache_key)
+        # A bounded cache: the least recently used entry goes first.
+        while len(self._cache) > self._cache_max_entries:
+            self._cache.popitem(last=False)
+
+    async def usage(self, tenant_id: str, days: int = 7) -> list[dict[str, object]]:
+        empty = UsageCounters()
+        return [
+            usage_row(day, self._usage.get((tenant_id, day), empty).values)
+            for day in usage_days(time.time(), days)
+        ]

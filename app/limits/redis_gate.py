@@ -1,0 +1,406 @@
+"""The Redis gate: every replica and worker shares one count, one Lua script per request.
+
+The script runs atomically in Redis, so a burst over N replicas admits exactly the limit: there is
+no read-then-write race between processes. It reads everything first and writes only when the
+request is admitted, so a refused request consumes no window, no quota and no lease. Time comes
+from Redis (`TIME`), not from the replicas, so clock skew between hosts cannot stretch a window or
+expire a lease early. Needs Redis >= 5 (scripts replicated by effect, so TIME is allowed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Final
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from app.errors import ServiceUnavailable
+from app.limits.gate import (
+    DEFAULT_LEASE_TTL_MS,
+    USAGE_TTL_SECONDS,
+    Admission,
+    PolicyState,
+    Strategy,
+    day_end,
+    quota_message,
+    quota_state,
+    rate_limit_headers,
+    refusal,
+    usage_days,
+    usage_row,
+    utc_day,
+    windows_for,
+)
+from app.metrics import Metrics
+from app.redis_keys import CONCURRENCY, QUOTA, RATE_LIMIT, USAGE
+from app.tenancy.models import Tenant
+
+__all__ = ["ADMIT_SCRIPT", "RedisGate"]
+
+log = structlog.get_logger(__name__)
+
+# Outcomes the script returns first.
+_ADMITTED: Final = 0
+_RATE_LIMITED: Final = 1
+_OVER_QUOTA: Final = 2
+_OVER_CONCURRENCY: Final = 3
+
+# KEYS[1] cache entry (read only when ARGV[1] == '1')   KEYS[2] quota counter of the day
+# KEYS[3] the tenant's lease zset                        KEYS[4] usage hash of the day
+# KEYS[5..] one key per rate-limit window
+# ARGV[1] read the cache (0/1)        ARGV[2] moving window (0/1)   ARGV[3] daily quota (0: none)
+# ARGV[4] quota key TTL (s)           ARGV[5] concurrency cap (0: none)
+# ARGV[6] token: this request's lease id, and its moving-window entry
+# ARGV[7] lease TTL (ms)              ARGV[8] usage TTL (s)
+# ARGV[9..] per window: amount, length (s)
+# Returns {outcome, cached or false, now_ms, quota used, leases held,
+#          then per window: count, reset_ms}
+ADMIT_SCRIPT: Final = """
+-- Redis's clock, shared by every replica; ms is enough for windows of a second or more.
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local moving = ARGV[2] == '1'
+local quota = tonumber(ARGV[3])
+local cap = tonumber(ARGV[5])
+local token = ARGV[6]
+local outcome = 0
+
+-- 1. The cache read: a hit still counts against the limits, but takes no lease.
+local cached = false
+if ARGV[1] == '1' then
+    cached = redis.call('GET', KEYS[1])
+end
+
+-- 2. Every window's state, without writing anything a refusal would have to undo.
+local counts, resets = {}, {}
+local nwin = #KEYS - 4
+for i = 1, nwin do
+    local key = KEYS[4 + i]
+    local amount = tonumber(ARGV[7 + 2 * i])
+    local window_ms = tonumber(ARGV[8 + 2 * i]) * 1000
+    if moving then
+        -- The moving window (like limits' acquire_moving_window): the entries of the last
+        -- window_ms; older ones are dropped first, so the count is exact at this instant.
+        redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. (now_ms - window_ms))
+        counts[i] = redis.call('ZCARD', key)
+        local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+        resets[i] = oldest[2] and (tonumber(oldest[2]) + window_ms) or (now_ms + window_ms)
+    else
+        -- The fixed window (like limits' incr_expire): a counter that expires with its window.
+        counts[i] = tonumber(redis.call('GET', key) or '0')
+        local ttl = redis.call('PTTL', key)
+        resets[i] = ttl > 0 and (now_ms + ttl) or (now_ms + window_ms)
+    end
+    if counts[i] + 1 > amount then
+        outcome = 1
+    end
+end
+
+-- 3. The daily quota (its key names the UTC day, so it starts afresh at midnight).
+local quota_used = 0
+if quota > 0 then
+    quota_used = tonumber(redis.call('GET', KEYS[2]) or '0')
+    if outcome == 0 and quota_used + 1 > quota then
+        outcome = 2
+    end
+end
+
+-- 4. The concurrency cap: leases scored by their expiry, the expired ones (a replica that died
+--    mid-request) pruned first so they cannot hold a slot forever. A cache hit needs no slot.
+local leases = 0
+local want_lease = cap > 0 and not cached
+if want_lease then
+    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now_ms)
+    leases = redis.call('ZCARD', KEYS[3])
+    if outcome == 0 and leases + 1 > cap then
+        outcome = 3
+    end
+end
+
+-- The reply, flat: {outcome, cached or false, now, quota used, leases, counts..., resets...}
+-- (built by index: Lua keeps only the first value of an unpack() that is not last).
+local function reply(result, entry)
+    local out = {result, entry, now_ms, quota_used, leases}
+    for i = 1, nwin do out[5 + i] = counts[i] end
+    for i = 1, nwin do out[5 + nwin + i] = resets[i] end
+    return out
+end
+
+-- 5. Refused: count it in usage, touch nothing else.
+local usage_ttl = tonumber(ARGV[8])
+if outcome ~= 0 then
+    redis.call('HINCRBY', KEYS[4], 'rate_limited', 1)
+    redis.call('EXPIRE', KEYS[4], usage_ttl)
+    return reply(outcome, false)
+end
+
+-- 6. Admitted: take one from every window, the quota and (on a miss) a lease.
+for i = 1, nwin do
+    local key = KEYS[4 + i]
+    local seconds = tonumber(ARGV[8 + 2 * i])
+    if moving then
+        redis.call('ZADD', key, now_ms, token)
+        redis.call('EXPIRE', key, seconds)
+        if counts[i] == 0 then
+            resets[i] = now_ms + seconds * 1000
+        end
+    else
+        -- INCR, and EXPIRE on the first hit only, so the window does not slide.
+        if redis.call('INCR', key) == 1 then
+            redis.call('EXPIRE', key, seconds)
+            resets[i] = now_ms + seconds * 1000
+        end
+    end
+    counts[i] = counts[i] + 1
+end
+if quota > 0 then
+    quota_used = redis.call('INCR', KEYS[2])
+    if quota_used == 1 then
+        redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+    end
+end
+if want_lease then
+    local lease_ttl = tonumber(ARGV[7])
+    redis.call('ZADD', KEYS[3], now_ms + lease_ttl, token)
+    leases = leases + 1
+    -- The zset lives as long as its longest lease, never shorter.
+    if redis.call('PTTL', KEYS[3]) < lease_ttl then
+        redis.call('PEXPIRE', KEYS[3], lease_ttl)
+    end
+end
+
+-- 7. Usage of the day, in the same step (a hit is an execution and a cache hit).
+redis.call('HINCRBY', KEYS[4], 'executions', 1)
+if cached then
+    redis.call('HINCRBY', KEYS[4], 'cache_hits', 1)
+end
+redis.call('EXPIRE', KEYS[4], usage_ttl)
+return reply(outcome, cached)
+"""
+
+# How long the quota counter outlives its day: just garbage collection, the key names the day.
+_QUOTA_GRACE_SECONDS: Final = 3_600
+# How often an outage is logged while it lasts.
+_OUTAGE_LOG_INTERVAL_S: Final = 30.0
+_UNAVAILABLE: Final = "rate limiting is unavailable (Redis unreachable); try again shortly"
+_UNAVAILABLE_RETRY_AFTER: Final = "2"
+# What counts as "Redis is unreachable" (fail open/closed) rather than a bug.
+_OUTAGE_ERRORS: Final = (RedisError, OSError, TimeoutError)
+
+
+class RedisGate:
+    """The gate for a deployment with Redis (any number of replicas and workers)."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        default_rate_limit: str,
+        strategy: Strategy = "fixed-window",
+        fail_open: bool = False,
+        metrics: Metrics | None = None,
+        deadline_s: float = 1.5,
+    ) -> None:
+        self._redis = redis
+        self._default_rate_limit = default_rate_limit
+        self._strategy: Strategy = strategy
+        self._fail_open = fail_open
+        self._metrics = metrics
+        # A ceiling on one admit whatever the client's retry policy: an outage is answered
+        # within this, never hung on.
+        self._deadline_s = deadline_s
+        # register_script: EVALSHA, and on NOSCRIPT (a restarted or flushed Redis) it loads the
+        # script and runs it again, so recovery needs no restart of ours.
+        self._admit = redis.register_script(ADMIT_SCRIPT)
+        self._last_outage_log = -_OUTAGE_LOG_INTERVAL_S
+
+    async def admit(
+        self, tenant: Tenant, *, cache_key: str | None, lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS
+    ) -> Admission:
+        """Count the request against every limit of `tenant` in one round trip, or raise 429."""
+        now = time.time()
+        day = utc_day(now)
+        windows = windows_for(tenant.rate_limit or self._default_rate_limit, self._strategy)
+        quota = tenant.daily_quota or 0
+        token = uuid.uuid4().hex
+        keys = [
+            cache_key or "",
+            f"{QUOTA}{tenant.id}:{day}",
+            f"{CONCURRENCY}{tenant.id}",
+            f"{USAGE}{tenant.id}:{day}",
+            *(RATE_LIMIT + w.key(tenant.id) for w in windows),
+        ]
+        args: list[int | str] = [
+            1 if cache_key else 0,
+            1 if self._strategy == "moving-window" else 0,
+            quota,
+            int(day_end(day).timestamp() - now) + _QUOTA_GRACE_SECONDS,
+            tenant.max_concurrency or 0,
+            token,
+            max(1, lease_ttl_ms),
+            USAGE_TTL_SECONDS,
+        ]
+        for w in windows:
+            args += (w.amount, w.seconds)
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                reply = await self._admit(keys=keys, args=args)
+        except _OUTAGE_ERRORS as exc:
+            return self._outage(tenant.id, day, exc)
+
+        outcome, cached, now_ms, quota_used, _leases = reply[:5]
+        n = len(windows)
+        counts: Sequence[int] = reply[5 : 5 + n]
+        resets: Sequence[int] = reply[5 + n : 5 + 2 * n]
+        redis_now = now_ms / 1000
+        states = [
+            PolicyState(w.name, w.amount, w.seconds, w.amount - count, reset_ms / 1000)
+            for w, count, reset_ms in zip(windows, counts, resets, strict=True)
+        ]
+        if quota:
+            states.append(quota_state(quota, quota_used, day))
+        headers = rate_limit_headers(states, redis_now)
+
+        if outcome == _RATE_LIMITED:
+            full = [
+                (w, reset_ms / 1000)
+                for w, count, reset_ms in zip(windows, counts, resets, strict=True)
+                if count >= w.amount
+            ]
+            # Room again only when every exhausted window has some: wait for the last of them.
+            window, reset = max(full, key=lambda pair: pair[1])
+            raise refusal(
+                "rate_limit",
+                metrics=self._metrics,
+                headers=headers,
+                retry_seconds=reset - redis_now,
+                limit=window.describe(),
+            )
+        if outcome == _OVER_QUOTA:
+            raise refusal(
+                "quota",
+                metrics=self._metrics,
+                headers=headers,
+                retry_seconds=day_end(day).timestamp() - redis_now,
+                limit=quota_message(quota, day),
+            )
+        if outcome == _OVER_CONCURRENCY:
+            # When a slot frees is unknowable (a run ends when it ends): try again in a second.
+            raise refusal(
+                "concurrency",
+                metrics=self._metrics,
+                headers=headers,
+                retry_seconds=1,
+                limit=str(tenant.max_concurrency),
+            )
+        took_lease = bool(tenant.max_concurrency) and cached is None
+        return Admission(
+            headers=headers,
+            cached=cached.encode() if isinstance(cached, str) else cached,
+            lease=token if took_lease else None,
+            tenant_id=tenant.id,
+            day=day,
+        )
+
+    def _outage(self, tenant_id: str, day: str, exc: BaseException) -> Admission:
+        """Redis is unreachable: 503 (fail closed, the default) or unlimited (fail open)."""
+        now = time.monotonic()
+        if now - self._last_outage_log >= _OUTAGE_LOG_INTERVAL_S:
+            self._last_outage_log = now
+            log.warning(
+                "rate_limiting_unavailable",
+                error=repr(exc),
+                fail_open=self._fail_open,
+                detail="serving without limits" if self._fail_open else "answering 503",
+            )
+        if not self._fail_open:
+            raise ServiceUnavailable(
+                _UNAVAILABLE, headers={"Retry-After": _UNAVAILABLE_RETRY_AFTER}
+            ) from None
+        return Admission(
+            headers={}, cached=None, lease=None, tenant_id=tenant_id, day=day, degraded=True
+        )
+
+    async def finish(
+        self,
+        admission: Admission,
+        *,
+        error: bool,
+        cpu_time_ms: float,
+        wall_time_ms: float,
+        store: tuple[str, bytes, int] | None = None,
+    ) -> None:
+        """Release the lease, add the run's figures to usage, store the answer: one pipeline."""
+        if admission.degraded:
+            return  # nothing was counted, and Redis was just found unreachable
+        pipe = self._redis.pipeline(transaction=False)
+        if admission.lease is not None:
+            pipe.zrem(f"{CONCURRENCY}{admission.tenant_id}", admission.lease)
+        usage_key = f"{USAGE}{admission.tenant_id}:{admission.day}"
+        if error:
+            pipe.hincrby(usage_key, "errors", 1)
+        if cpu_time_ms:
+            pipe.hincrbyfloat(usage_key, "cpu_time_ms", cpu_time_ms)
+        if wall_time_ms:
+            pipe.hincrbyfloat(usage_key, "wall_time_ms", wall_time_ms)
+        if store is not None and store[2] > 0:
+            pipe.set(store[0], store[1], ex=store[2])
+        if not len(pipe):
+            return
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                await pipe.execute()
+        except _OUTAGE_ERRORS as exc:
+            # The answer is already decided; an uncounted run or an unreleased lease (it expires)
+            # must not turn it into an error.
+            log.warning("finish_failed", tenant=admission.tenant_id, error=repr(exc))
+
+    async def read(self, cache_key: str) -> bytes | None:
+        """One cache entry (single-flight followers read the leader's answer); None on errors."""
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                value: bytes | str | None = await self._redis.get(cache_key)
+        except _OUTAGE_ERRORS as exc:
+            log.warning("cache_read_failed", error=repr(exc))
+            return None
+        return value.encode() if isinstance(value, str) else value
+
+    async def store(self, cache_key: str, body: bytes, ttl_seconds: int) -> None:
+        """Store a cache entry; a failure only costs a future hit, so it is logged, not raised."""
+        if ttl_seconds <= 0:
+            return
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                await self._redis.set(cache_key, body, ex=ttl_seconds)
+        except _OUTAGE_ERRORS as exc:
+            log.warning("cache_store_failed", error=repr(exc))
+
+    async def usage(self, tenant_id: str, days: int = 7) -> list[dict[str, object]]:
+        """The contract's per-day usage, today first, zeros for days with nothing counted."""
+        dates = usage_days(time.time(), days)
+        pipe = self._redis.pipeline(transaction=False)
+        for day in dates:
+            pipe.hgetall(f"{USAGE}{tenant_id}:{day}")
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                hashes: list[dict[bytes | str, bytes | str]] = await pipe.execute()
+        except _OUTAGE_ERRORS:
+            raise ServiceUnavailable(
+                "usage is unavailable (Redis unreachable); try again shortly",
+                headers={"Retry-After": _UNAVAILABLE_RETRY_AFTER},
+            ) from None
+        return [
+            usage_row(
+                day,
+                {
+                    (k.decode() if isinstance(k, bytes) else k): float(v)
+                    for k, v in counters.items()
+                },
+            )
+            for day, counters in zip(dates, hashes, strict=True)
+        ]
