@@ -75,6 +75,14 @@ class EngineMetrics:
         self.waiting = Gauge(
             "pgw_engine_jobs_waiting", "Jobs waiting for a free slot", registry=self.registry
         )
+        self.first_uid = Gauge(
+            "pgw_engine_job_uid_first",
+            "First uid of this engine's job slots (slot i runs as first + i)",
+            registry=self.registry,
+        )
+        self.slots = Gauge(
+            "pgw_engine_job_slots", "Jobs that may run at once", registry=self.registry
+        )
         self.leftovers = Counter(
             "pgw_engine_leftover_processes",
             "Processes of a finished job's uid found and killed by the janitor (should stay 0)",
@@ -126,6 +134,8 @@ class Engine:
                 "system python3 (apt-get install python3)"
             )
         self.pool.claim()
+        self.metrics.first_uid.set(self.pool.uid_for(0))
+        self.metrics.slots.set(self.settings.max_concurrent_jobs)
         true = find_tool("true") or "/usr/bin/true"
         probe = await self._sandboxed(self.pool.uid_for(0), [true])
         if probe.status is not None:

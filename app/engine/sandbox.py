@@ -75,6 +75,10 @@ pidfd = os.pidfd_open(pid)
 if pidfd not in select.select([pidfd, control_fd], [], [])[0]:
     os.kill(-1, signal.SIGKILL)
 _, status, usage = os.wait4(pid, 0)
+try:
+    os.kill(-1, signal.SIGKILL)  # whatever the program left running ends with it
+except OSError:
+    pass
 cpu_ms = int((usage.ru_utime + usage.ru_stime) * 1000)
 code = os.waitstatus_to_exitcode(status)
 os.write(status_fd, b"%d %d %d\n" % (code, cpu_ms, usage.ru_maxrss * 1024))
@@ -263,31 +267,47 @@ def bwrap_argv(
     return argv
 
 
-def sweep_uid(uid: int) -> int:
-    """Kill every process whose uid is `uid` (Piston's janitor); returns how many were found.
+def _processes_of(uid: int) -> list[int]:
+    found: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if os.stat(f"/proc/{entry}").st_uid == uid and not _is_zombie(entry):
+                found.append(int(entry))
+    return found
 
-    The pid namespace already takes every process of a stage down with it; this is the safety net
-    for anything that could outlive it, run after each job before its uid is handed out again.
+
+def sweep_uid(uid: int, *, grace: float = 0.5) -> int:
+    """Kill every process whose uid is `uid` (Piston's janitor); returns how many it had to kill.
+
+    bwrap's outer process exits as soon as the job's first process does, while the kernel is still
+    tearing the pid namespace down, so processes of the uid may linger for a few milliseconds;
+    they get `grace` seconds to go on their own. What is left after that escaped the namespace
+    and is killed here, before the uid is handed out again.
     """
-    found = 0
+    deadline = time.monotonic() + grace
+    while (victims := _processes_of(uid)) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    killed = 0
     for _ in range(10):
-        victims: list[int] = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            with contextlib.suppress(OSError):
-                if os.stat(f"/proc/{entry}").st_uid == uid:
-                    victims.append(int(entry))
         if not victims:
             break
-        found += len(victims)
+        killed += len(victims)
         # Stop first so nothing can fork while its siblings are being killed.
         for sig in (signal.SIGSTOP, signal.SIGKILL):
             for pid in victims:
                 with contextlib.suppress(OSError):
                     os.kill(pid, sig)
         time.sleep(0.01)
-    return found
+        victims = _processes_of(uid)
+    return killed
+
+
+def _is_zombie(pid: str) -> bool:
+    # A zombie holds nothing but its pid and is its parent's to reap; signals do not reach it.
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        return stat.read().rsplit(b")", 1)[-1].split()[0] == b"Z"
 
 
 class UidPool:
@@ -327,7 +347,7 @@ class UidPool:
         self.jobs_dir.mkdir(mode=0o711)
         if self.privileged:
             for slot in range(self.settings.max_concurrent_jobs):
-                sweep_uid(self.uid_for(slot))
+                sweep_uid(self.uid_for(slot), grace=0)
 
     def open(self) -> None:
         """Hand out the slots (in the loop that serves: the queue belongs to it)."""
