@@ -120,13 +120,21 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+# Stored times keep their microseconds (answers show whole seconds): an expiry must not move.
 def _dump_tenant(tenant: Tenant) -> bytes:
-    return orjson.dumps(tenant.model_dump(mode="json"))
+    return orjson.dumps({**tenant.model_dump(mode="json"), "created_at": tenant.created_at})
 
 
 def _dump_key(key: ApiKey) -> bytes:
     # `hash` is excluded from every answer, but the store must keep it (lookup by id needs it).
-    return orjson.dumps({**key.model_dump(mode="json"), "hash": key.hash})
+    return orjson.dumps(
+        {
+            **key.model_dump(mode="json"),
+            "created_at": key.created_at,
+            "expires_at": key.expires_at,
+            "hash": key.hash,
+        }
+    )
 
 
 def _load_tenant(raw: bytes | str) -> Tenant:
