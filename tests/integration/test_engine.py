@@ -169,7 +169,8 @@ PROGRAMS = {
     ),
     "java": (
         "public class Main { public static void main(String[] a) throws Exception {"
-        "String l = new java.io.BufferedReader(new java.io.InputStreamReader(System.in)).readLine();"
+        "String l = new java.io.BufferedReader("
+        "new java.io.InputStreamReader(System.in)).readLine();"
         'System.out.println("hello " + l + " " + String.join(",", a)); System.exit(3); } }',
         "Main.java",
     ),
@@ -193,13 +194,15 @@ def test_hello_stdin_args_exit_code(engine: Service, languages: set[str], langua
     ).json()
     stage = body["run"]
     assert stage["stdout"].startswith("hello world"), body
-    assert "a1" in stage["stdout"] and "a2" in stage["stdout"]
+    assert "a1" in stage["stdout"]
+    assert "a2" in stage["stdout"]
     assert stage["code"] == 3
     assert stage["status"] == "RE"
     assert stage["message"] == "Exited with error status 3"
     assert stage["signal"] is None
     assert stage["output"] == stage["stdout"]
-    assert isinstance(stage["wall_time"], int) and isinstance(stage["cpu_time"], int)
+    assert isinstance(stage["wall_time"], int)
+    assert isinstance(stage["cpu_time"], int)
     assert stage["memory"] > 0
     assert body["language"] == language
     assert ("compile" in body) == (language in ("c", "c++"))
@@ -360,14 +363,22 @@ class TestExploits:
         assert "no dns" in stage["stdout"]
 
     def test_big_file_write_is_stopped(self, engine: Service, clean: None) -> None:
-        code = "f = open('big', 'wb')\nfor _ in range(200):\n    f.write(b'x' * 1_000_000)\nprint('wrote')"
+        code = (
+            "f = open('big', 'wb')\n"
+            "for _ in range(200):\n"
+            "    f.write(b'x' * 1_000_000)\n"
+            "print('wrote')"
+        )
         stage = run(engine, "python", code)["run"]
         assert stage["status"] == "RE"
         assert "File too large" in stage["stderr"]
         assert "wrote" not in stage["stdout"]
 
     def test_private_temp_folders(self, engine: Service, clean: None) -> None:
-        plant = "for d in ('/tmp', '/dev/shm', '/var/tmp', '.'):\n    open(d + '/planted', 'w').write('x')"
+        plant = (
+            "for d in ('/tmp', '/dev/shm', '/var/tmp', '.'):\n"
+            "    open(d + '/planted', 'w').write('x')"
+        )
         assert run(engine, "python", plant)["run"]["status"] is None
         look = (
             "import os\n"
