@@ -1,0 +1,112 @@
+"""The in-process gate (no GATEWAY_REDIS_URL): the same promises as the Redis gate, one process."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from app.errors import TooManyRequests
+from app.limits import Admission, MemoryGate, create_gate
+from app.limits.gate import Strategy
+from app.metrics import Metrics
+from app.settings import Settings
+from app.tenancy.models import Tenant
+
+
+def tenant(**fields: Any) -> Tenant:
+    return Tenant(id=f"t{uuid.uuid4().hex[:16]}", **fields)
+
+
+def gate(strategy: Strategy = "fixed-window", **kw: Any) -> MemoryGate:
+    return MemoryGate(default_rate_limit="60/minute", strategy=strategy, **kw)
+
+
+async def _burst(
+    g: MemoryGate, who: Tenant, n: int
+) -> tuple[list[Admission], list[TooManyRequests]]:
+    results = await asyncio.gather(
+        *(g.admit(who, cache_key=None) for _ in range(n)), return_exceptions=True
+    )
+    admitted = [r for r in results if isinstance(r, Admission)]
+    refused = [r for r in results if isinstance(r, TooManyRequests)]
+    assert len(admitted) + len(refused) == n
+    return admitted, refused
+
+
+def test_create_gate_without_redis_is_in_process() -> None:
+    assert isinstance(create_gate(None, settings=Settings(), metrics=None), MemoryGate)
+
+
+@pytest.mark.parametrize("strategy", ["fixed-window", "moving-window"])
+async def test_exact_under_a_burst(strategy: Strategy) -> None:
+    metrics = Metrics()
+    g = gate(strategy, metrics=metrics)
+    admitted, refused = await _burst(g, tenant(rate_limit="20/minute"), 60)
+    assert len(admitted) == 20
+    assert sorted(int(a.headers["X-RateLimit-Remaining"]) for a in admitted) == list(range(20))
+    assert {e.message for e in refused} == {"rate limit exceeded: 20 per 1 minute"}
+    assert {e.headers["X-RateLimit-Remaining"] for e in refused} == {"0"}
+    assert all(int(e.headers["Retry-After"]) >= 1 for e in refused)
+    assert metrics.rejected.labels(reason="rate_limit")._value.get() == 40
+
+
+async def test_several_windows_refusal_consumes_nothing() -> None:
+    g = gate()
+    who = tenant(rate_limit="2/second;3/minute")
+    admitted, refused = await _burst(g, who, 4)
+    assert len(admitted) == 2
+    assert admitted[0].headers["RateLimit-Policy"] == '"1second";q=2;w=1, "1minute";q=3;w=60'
+    await asyncio.sleep(1.1)
+    admitted, refused = await _burst(g, who, 3)
+    assert len(admitted) == 1  # 3 of 3 in the minute; the 2 refusals counted nowhere
+    assert {e.message for e in refused} == {"rate limit exceeded: 3 per 1 minute"}
+
+
+async def test_quota_concurrency_cache_and_usage() -> None:
+    g = gate()
+    who = tenant(rate_limit="100/minute", daily_quota=4, max_concurrency=1)
+    first = await g.admit(who, cache_key="k1")
+    assert first.cached is None
+    assert first.lease is not None
+    with pytest.raises(TooManyRequests, match="concurrency limit of 1 executions in flight"):
+        await g.admit(who, cache_key=None)
+    await g.finish(first, error=True, cpu_time_ms=5, wall_time_ms=7.5, store=("k1", b"body", 60))
+    hit = await g.admit(who, cache_key="k1")
+    assert (hit.cached, hit.lease) == (b"body", None)
+    expiring = await g.admit(who, cache_key=None, lease_ttl_ms=20)
+    assert expiring.lease is not None
+    await asyncio.sleep(0.05)  # never finished: its lease expires
+    await g.admit(who, cache_key=None)  # 4 of 4
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%d")
+    with pytest.raises(TooManyRequests) as info:
+        await g.admit(who, cache_key="k1")
+    assert info.value.message == (
+        f"daily quota of 4 executions reached; it resets at {tomorrow}T00:00:00Z"
+    )
+    assert info.value.headers["X-RateLimit-Remaining"] == "0"
+    today, yesterday = await g.usage(who.id, days=2)
+    assert today == {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "executions": 4,
+        "cache_hits": 1,
+        "rate_limited": 2,
+        "errors": 1,
+        "cpu_time_ms": 5,
+        "wall_time_ms": 7.5,
+    }
+    assert yesterday["executions"] == 0
+
+
+async def test_cache_is_bounded_and_expires() -> None:
+    g = gate(cache_max_entries=2)
+    await g.store("a", b"1", 60)
+    await g.store("b", b"2", 60)
+    await g.read("a")  # a is now the most recently used
+    await g.store("c", b"3", 60)
+    assert (await g.read("a"), await g.read("b"), await g.read("c")) == (b"1", None, b"3")
+    await g.store("d", b"4", 0)  # a TTL of 0 stores nothing
+    assert await g.read("d") is None
