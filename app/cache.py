@@ -202,6 +202,7 @@ _ERROR: Final = b"e"
 _REDIS_FAULTS: Final = (RedisError, OSError)
 _LEASE_MS: Final = 3_000
 _RESUBSCRIBE_MAX_S: Final = 5.0
+_WAKE_UP_GRACE_S: Final = 0.1
 
 
 def _encode_answer(answer: UpstreamAnswer) -> bytes:
@@ -291,6 +292,7 @@ class SingleFlight:
         self._lease_ms = lease_ms
         self._flights: dict[str, _Flight] = {}
         self._listener: asyncio.Task[None] | None = None
+        self._listening = False  # the wake-up subscription is confirmed and alive
         self._closed = False
         self._release = redis.register_script(_RELEASE_SCRIPT) if redis is not None else None
         self._renew = redis.register_script(_RENEW_SCRIPT) if redis is not None else None
@@ -526,21 +528,24 @@ class SingleFlight:
         while True:
             # Clear before looking, so a wake-up that lands while we look is not lost.
             flight.wake.clear()
-            message, flight.message = flight.message, None
-            if message is not None:
-                shared = _decode_shared(message)
-                if isinstance(shared, GatewayError):
-                    raise shared
-                if shared is not None:
-                    return shared
-            # The cache before the lock: the leader stores first and unlocks after, so a free
-            # lock seen after an empty cache means there is nothing to find.
+            shared = self._take_shared(flight)
+            if shared is not None:
+                return shared
             if read_cached is not None:
                 cached = await read_cached()
                 if cached is not None:
                     return cached
             if not await self._redis.exists(flight.lock):
-                return None
+                if flight.message is None and self._listening:
+                    # The release and its wake-up are one script, but they reach us on two
+                    # connections: give the wake-up a moment to land, so that an answer the
+                    # leader shared is not run a second time here.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(_WAKE_UP_GRACE_S):
+                            await flight.wake.wait()
+                # None: take the lock. A leader that stored its answer in the meantime is
+                # caught by the read right after taking it.
+                return self._take_shared(flight)
             remaining = flight.deadline - loop.time()
             if remaining <= 0:
                 raise GatewayTimeout("an identical execution in flight did not finish in time")
@@ -549,6 +554,17 @@ class SingleFlight:
                 # yet confirmed, a pub/sub connection lost) and for a leader that died.
                 async with asyncio.timeout(min(self._poll_interval, remaining)):
                     await flight.wake.wait()
+
+    @staticmethod
+    def _take_shared(flight: _Flight) -> UpstreamAnswer | None:
+        """Consume the latest wake-up: the answer it shares, or raise the error it shares."""
+        message, flight.message = flight.message, None
+        if message is None:
+            return None
+        shared = _decode_shared(message)
+        if isinstance(shared, GatewayError):
+            raise shared
+        return shared
 
     def _ensure_listener(self) -> None:
         if self._redis is None or self._closed:
@@ -568,6 +584,7 @@ class SingleFlight:
                 await pubsub.psubscribe(FLIGHT + "*")
                 async for message in pubsub.listen():
                     if message["type"] == "psubscribe":
+                        self._listening = True
                         backoff = 0.1
                         if failing:
                             log.info("single_flight_pubsub_recovered")
@@ -579,6 +596,7 @@ class SingleFlight:
                     log.warning("single_flight_pubsub_lost", error=repr(exc))
                 failing = True
             finally:
+                self._listening = False
                 with contextlib.suppress(*_REDIS_FAULTS):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
             await asyncio.sleep(backoff)
