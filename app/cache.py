@@ -275,6 +275,8 @@ class SingleFlight:
     the holder executes, stores (`on_result`) and only then releases and wakes the others;
     a waiter that finds the lock gone without anything to share tries to take it (takeover).
 
+    The lock is a lease of `lease_ms`, renewed by the live leader and never past `lock_ttl_ms`:
+    a leader whose process died is taken over within `lease_ms`, not after the longest run.
     Redis faults never fail a request: the task executes directly, and the fault is logged.
     One SingleFlight per process and per Metrics (it registers `pgw_single_flight_total`).
     """
@@ -405,7 +407,7 @@ class SingleFlight:
             token = secrets.token_hex(16)
             try:
                 acquired = await self._redis.set(
-                    flight.lock, token, nx=True, px=min(self._lease_ms, lock_ttl_ms)
+                    flight.lock, token, nx=True, px=max(1, min(self._lease_ms, lock_ttl_ms))
                 )
             except _REDIS_FAULTS as exc:
                 return await self._without_redis(flight, exc, execute, on_result)
