@@ -50,6 +50,7 @@ _FALLBACK_TTL_SECONDS: Final = 1.0
 _PING_INTERVAL_SECONDS: Final = 0.5
 _DEAF_AFTER_SECONDS: Final = 1.0
 _RECONNECT_DELAY_SECONDS: Final = 0.5
+_CLOSE_TIMEOUT_SECONDS: Final = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +92,7 @@ class Authenticator:
         self._generation = 0
         self._last_heard = float("-inf")
         self._listener: asyncio.Task[None] | None = None
+        self._stopping = False
 
     @property
     def listening(self) -> bool:
@@ -102,11 +104,15 @@ class Authenticator:
             self._listener = asyncio.create_task(self._listen(), name="key-cache-invalidation")
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
-            self._listener = None
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            # The flag, not only the cancel: on Python 3.11 a cancel that lands as redis-py's
+            # read timeout fires is turned into that timeout and lost, and the loop would run on.
+            self._stopping = True
+            listener.cancel()
+            done, _ = await asyncio.wait({listener}, timeout=_CLOSE_TIMEOUT_SECONDS)
+            if not done:
+                log.warning("key_cache_listener_did_not_stop")
         self._cache.clear()
 
     async def principal_for(self, key: str) -> Principal | None:
@@ -173,7 +179,7 @@ class Authenticator:
 
     async def _listen(self) -> None:
         assert self._redis is not None
-        while True:
+        while not self._stopping:
             pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(redis_keys.CHANNEL_INVALIDATE)
@@ -186,11 +192,12 @@ class Authenticator:
                 self._last_heard = float("-inf")
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(_RECONNECT_DELAY_SECONDS)
+            if not self._stopping:
+                await asyncio.sleep(_RECONNECT_DELAY_SECONDS)
 
     async def _pump(self, pubsub: PubSub) -> None:
         last_ping = 0.0
-        while True:
+        while not self._stopping:
             now = time.monotonic()
             if now - last_ping >= _PING_INTERVAL_SECONDS:
                 await pubsub.ping()

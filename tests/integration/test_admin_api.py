@@ -1,0 +1,350 @@
+"""The admin API, as an operator's script sees it: the contract's table, row by row."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ADMIN_KEY, Gateway
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+ACME: dict[str, Any] = {
+    "id": "acme",
+    "name": "Acme Inc",
+    "allowed_languages": ["python", "scala"],
+    "rate_limit": "60/minute",
+    "max_concurrency": 4,
+    "daily_quota": 10000,
+    "max_run_timeout": 3000,
+    "max_compile_timeout": 10000,
+    "max_run_memory_limit": -1,
+    "max_compile_memory_limit": -1,
+    "cache": True,
+}
+KEY_FIELDS = {"id", "tenant", "name", "prefix", "scopes", "created_at", "expires_at", "revoked"}
+
+
+async def _admin(gateway: Gateway, method: str, path: str, body: Any = None) -> httpx.Response:
+    return await gateway.client.request(method, f"/admin{path}", json=body, headers=ADMIN)
+
+
+async def _create(gateway: Gateway, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    response = await _admin(gateway, "POST", "/tenants", body or ACME)
+    assert response.status_code == 201, response.text
+    created: dict[str, Any] = response.json()
+    return created
+
+
+class TestCreateTenant:
+    async def test_created(self, gateway: Gateway) -> None:
+        tenant = await _create(gateway)
+        assert {k: tenant[k] for k in ACME} == ACME
+        assert ISO_Z.match(tenant["created_at"])
+
+    async def test_omitted_fields_take_defaults(self, gateway: Gateway) -> None:
+        tenant = await _create(gateway, {"id": "plain"})
+        assert tenant["allowed_languages"] == ["*"]
+        assert tenant["cache"] is True
+        assert tenant["rate_limit"] is None
+        assert tenant["daily_quota"] is None
+
+    async def test_duplicate_is_409(self, gateway: Gateway) -> None:
+        await _create(gateway)
+        response = await _admin(gateway, "POST", "/tenants", {"id": "acme", "name": "other"})
+        assert response.status_code == 409
+        assert response.json() == {"message": "tenant 'acme' already exists"}
+
+    @pytest.mark.parametrize(
+        ("body", "message"),
+        [
+            ({"id": "Acme"}, "'Acme' is not a tenant id"),
+            ({"id": "-acme"}, "is not a tenant id"),
+            ({"id": "a" * 65}, "is not a tenant id"),
+            ({"id": "ac me"}, "is not a tenant id"),
+            ({"id": "_admin"}, "is not a tenant id"),
+            ({}, "id: Field required"),
+            ({"id": "acme", "rate_limit": "lots"}, "rate_limit: 'lots' is not a rate limit"),
+            ({"id": "acme", "rate_limit": "5/fortnight"}, "rate_limit:"),
+            ({"id": "acme", "max_concurrency": 0}, "max_concurrency:"),
+            ({"id": "acme", "daily_quota": -5}, "daily_quota:"),
+            ({"id": "acme", "max_run_timeout": -2}, "max_run_timeout:"),
+            ({"id": "acme", "allowed_languages": []}, "allowed_languages:"),
+            ({"id": "acme", "cache": "sometimes"}, "cache:"),
+            ({"id": "acme", "colour": "blue"}, "colour:"),
+        ],
+    )
+    async def test_validation_is_400(
+        self, gateway: Gateway, body: dict[str, Any], message: str
+    ) -> None:
+        response = await _admin(gateway, "POST", "/tenants", body)
+        assert response.status_code == 400, response.text
+        assert list(response.json()) == ["message"]
+        assert message in response.json()["message"]
+
+    async def test_not_json_is_400(self, gateway: Gateway) -> None:
+        response = await gateway.client.post(
+            "/admin/tenants",
+            content=b"{nope",
+            headers={**ADMIN, "Content-Type": "application/json"},
+        )
+        assert response.status_code in (400, 415)
+        assert list(response.json()) == ["message"]
+
+
+class TestReadTenants:
+    async def test_list(self, gateway: Gateway) -> None:
+        await _create(gateway, {"id": "zeta"})
+        await _create(gateway)
+        response = await _admin(gateway, "GET", "/tenants")
+        assert response.status_code == 200
+        assert [t["id"] for t in response.json()] == ["acme", "zeta"]
+
+    async def test_list_empty(self, gateway: Gateway) -> None:
+        response = await _admin(gateway, "GET", "/tenants")
+        assert response.status_code == 200
+        assert response.json() == []
+
+    async def test_get(self, gateway: Gateway) -> None:
+        created = await _create(gateway)
+        response = await _admin(gateway, "GET", "/tenants/acme")
+        assert response.status_code == 200
+        assert response.json() == created
+
+    async def test_get_unknown_is_404(self, gateway: Gateway) -> None:
+        response = await _admin(gateway, "GET", "/tenants/nobody")
+        assert response.status_code == 404
+        assert response.json() == {"message": "tenant 'nobody' does not exist"}
+
+
+class TestPatchTenant:
+    async def test_changes_only_what_is_sent(self, gateway: Gateway) -> None:
+        await _create(gateway)
+        response = await _admin(
+            gateway, "PATCH", "/tenants/acme", {"rate_limit": "10/second;500/hour", "cache": False}
+        )
+        assert response.status_code == 200, response.text
+        tenant = response.json()
+        assert tenant["rate_limit"] == "10/second;500/hour"
+        assert tenant["cache"] is False
+        assert tenant["name"] == "Acme Inc"
+        assert tenant["max_concurrency"] == 4
+        assert (await _admin(gateway, "GET", "/tenants/acme")).json() == tenant
+
+    async def test_null_resets_to_default(self, gateway: Gateway) -> None:
+        await _create(gateway)
+        response = await _admin(
+            gateway, "PATCH", "/tenants/acme", {"daily_quota": None, "allowed_languages": None}
+        )
+        assert response.json()["daily_quota"] is None
+        assert response.json()["allowed_languages"] == ["*"]
+
+    async def test_id_cannot_change(self, gateway: Gateway) -> None:
+        await _create(gateway)
+        response = await _admin(gateway, "PATCH", "/tenants/acme", {"id": "other"})
+        assert response.status_code == 400
+        assert response.json()["message"].startswith("id:")
+
+    @pytest.mark.parametrize(
+        "body", [{"rate_limit": "x"}, {"max_concurrency": -1}, {"colour": "blue"}]
+    )
+    async def test_validation_is_400(self, gateway: Gateway, body: dict[str, Any]) -> None:
+        await _create(gateway)
+        response = await _admin(gateway, "PATCH", "/tenants/acme", body)
+        assert response.status_code == 400, response.text
+        assert list(response.json()) == ["message"]
+
+    async def test_unknown_is_404(self, gateway: Gateway) -> None:
+        response = await _admin(gateway, "PATCH", "/tenants/nobody", {"name": "x"})
+        assert response.status_code == 404
+
+    async def test_tenant_change_reaches_its_keys(self, gateway: Gateway) -> None:
+        key = await gateway.tenant("acme")
+        await _admin(gateway, "PATCH", "/tenants/acme", {"allowed_languages": ["scala"]})
+        response = await gateway.execute(
+            key, {"language": "python", "version": "*", "files": [{"content": "print(1)"}]}
+        )
+        assert response.status_code == 403, response.text
+
+
+class TestKeys:
+    async def test_mint_with_defaults(self, gateway: Gateway) -> None:
+        await _create(gateway)
+        response = await _admin(gateway, "POST", "/tenants/acme/keys", {})
+        assert response.status_code == 201, response.text
+        minted = response.json()
+        assert set(minted) == KEY_FIELDS | {"key"}
+        assert minted["key"].startswith("pgw_")
+        assert len(minted["key"]) >= 4 + 43
+        assert minted["prefix"] == minted["key"][:12]
+        assert minted["scopes"] == ["execute"]
+        assert minted["tenant"] == "acme"
+        assert minted["expires_at"] is None
+        assert minted["revoked"] is False
+        assert ISO_Z.match(minted["created_at"])
+
+    async def test_mint_without_body(self, gateway: Gateway) -> None:
+        await _create(gateway)
+        response = await gateway.client.post("/admin/tenants/acme/keys", headers=ADMIN)
+        assert response.status_code == 201, response.text
+        assert response.json()["scopes"] == ["execute"]
+
+    async def test_mint_with_fields(self, gateway: Gateway) -> None:
+        await _create(gateway)
+        response = await _admin(
+            gateway,
+            "POST",
+            "/tenants/acme/keys",
+            {"name": "ci", "scopes": ["execute", "admin"], "expires_at": "2099-12-31T00:00:00Z"},
+        )
+        assert response.status_code == 201, response.text
+        minted = response.json()
+        assert minted["name"] == "ci"
+        assert minted["scopes"] == ["execute", "admin"]
+        assert minted["expires_at"] == "2099-12-31T00:00:00Z"
+
+    async def test_expiry_with_offset_is_shown_in_utc(self, gateway: Gateway) -> None:
+        await _create(gateway)
+        response = await _admin(
+            gateway, "POST", "/tenants/acme/keys", {"expires_at": "2099-12-31T02:00:00+02:00"}
+        )
+        assert response.json()["expires_at"] == "2099-12-31T00:00:00Z"
+
+    @pytest.mark.parametrize(
+        ("body", "message"),
+        [
+            ({"scopes": ["root"]}, "scopes"),
+            ({"scopes": []}, "scopes"),
+            ({"expires_at": "2001-01-01T00:00:00Z"}, "expires_at: must be in the future"),
+            ({"expires_at": "soon"}, "expires_at"),
+            ({"key": "pgw_chosen"}, "key"),
+        ],
+    )
+    async def test_mint_validation_is_400(
+        self, gateway: Gateway, body: dict[str, Any], message: str
+    ) -> None:
+        await _create(gateway)
+        response = await _admin(gateway, "POST", "/tenants/acme/keys", body)
+        assert response.status_code == 400, response.text
+        assert message in response.json()["message"]
+
+    async def test_mint_for_unknown_tenant_is_404(self, gateway: Gateway) -> None:
+        response = await _admin(gateway, "POST", "/tenants/nobody/keys", {})
+        assert response.status_code == 404
+        assert response.json() == {"message": "tenant 'nobody' does not exist"}
+
+    async def test_list_never_shows_the_secret(self, gateway: Gateway) -> None:
+        await _create(gateway)
+        minted = [
+            (await _admin(gateway, "POST", "/tenants/acme/keys", {})).json() for _ in range(2)
+        ]
+        response = await _admin(gateway, "GET", "/tenants/acme/keys")
+        assert response.status_code == 200
+        listed = response.json()
+        assert {k["id"] for k in listed} == {m["id"] for m in minted}
+        for key in listed:
+            assert set(key) == KEY_FIELDS
+        for secret in (m["key"] for m in minted):
+            assert secret not in response.text
+            assert secret[12:] not in response.text
+
+    async def test_list_for_unknown_tenant_is_404(self, gateway: Gateway) -> None:
+        response = await _admin(gateway, "GET", "/tenants/nobody/keys")
+        assert response.status_code == 404
+
+    async def test_revoke(self, gateway: Gateway) -> None:
+        await _create(gateway)
+        minted = (await _admin(gateway, "POST", "/tenants/acme/keys", {})).json()
+        key = {"X-API-Key": minted["key"]}
+        assert (await gateway.client.get("/api/v2/runtimes", headers=key)).status_code == 200
+        response = await _admin(gateway, "DELETE", f"/keys/{minted['id']}")
+        assert response.status_code == 204
+        assert response.content == b""
+        assert (await gateway.client.get("/api/v2/runtimes", headers=key)).status_code == 401
+        listed = (await _admin(gateway, "GET", "/tenants/acme/keys")).json()
+        assert [k["revoked"] for k in listed] == [True]
+
+    async def test_revoke_unknown_is_404(self, gateway: Gateway) -> None:
+        response = await _admin(gateway, "DELETE", "/keys/key_0000000000000000")
+        assert response.status_code == 404
+        assert response.json() == {"message": "key 'key_0000000000000000' does not exist"}
+
+
+class TestDeleteTenant:
+    async def test_delete_revokes_keys(self, gateway: Gateway) -> None:
+        key = await gateway.tenant("acme")
+        headers = {"X-API-Key": key}
+        assert (await gateway.client.get("/api/v2/runtimes", headers=headers)).status_code == 200
+        response = await _admin(gateway, "DELETE", "/tenants/acme")
+        assert response.status_code == 204
+        assert (await gateway.client.get("/api/v2/runtimes", headers=headers)).status_code == 401
+        assert (await _admin(gateway, "GET", "/tenants/acme")).status_code == 404
+        assert (await _admin(gateway, "GET", "/tenants/acme/keys")).status_code == 404
+        # Recreated under the same id, the tenant does not get the old keys back.
+        await _create(gateway)
+        assert (await gateway.client.get("/api/v2/runtimes", headers=headers)).status_code == 401
+        assert (await _admin(gateway, "GET", "/tenants/acme/keys")).json() == []
+
+    async def test_delete_unknown_is_404(self, gateway: Gateway) -> None:
+        response = await _admin(gateway, "DELETE", "/tenants/nobody")
+        assert response.status_code == 404
+
+
+class TestUsage:
+    async def test_shape(self, gateway: Gateway) -> None:
+        await _create(gateway)
+        response = await _admin(gateway, "GET", "/tenants/acme/usage")
+        assert response.status_code == 200, response.text
+        usage = response.json()
+        assert usage["tenant"] == "acme"
+        days = usage["days"]
+        today = datetime.now(UTC).date()
+        assert [d["date"] for d in days] == [
+            (today - timedelta(days=n)).isoformat() for n in range(len(days))
+        ]
+        assert len(days) == 7
+        for day in days:
+            assert set(day) == {
+                "date",
+                "executions",
+                "cache_hits",
+                "rate_limited",
+                "errors",
+                "cpu_time_ms",
+                "wall_time_ms",
+            }
+
+    async def test_counts_executions(self, gateway: Gateway) -> None:
+        key = await gateway.tenant("acme")
+        body = {"language": "python", "version": "*", "files": [{"content": "print(2)"}]}
+        assert (await gateway.execute(key, body)).status_code == 200
+        today = (await _admin(gateway, "GET", "/tenants/acme/usage")).json()["days"][0]
+        assert today["executions"] >= 1
+
+    async def test_unknown_is_404(self, gateway: Gateway) -> None:
+        response = await _admin(gateway, "GET", "/tenants/nobody/usage")
+        assert response.status_code == 404
+
+
+class TestOpenApi:
+    async def test_admin_routes_documented(self, gateway: Gateway) -> None:
+        schema = (await gateway.client.get("/openapi.json")).json()
+        paths = schema["paths"]
+        expected = {
+            "/admin/tenants": {"post", "get"},
+            "/admin/tenants/{tenant_id}": {"get", "patch", "delete"},
+            "/admin/tenants/{tenant_id}/keys": {"post", "get"},
+            "/admin/keys/{key_id}": {"delete"},
+            "/admin/tenants/{tenant_id}/usage": {"get"},
+        }
+        for path, methods in expected.items():
+            assert set(paths[path]) >= methods, path
+            for method in methods:
+                operation = paths[path][method]
+                assert {"401", "403"} <= set(operation["responses"]), (path, method)
+                assert operation["summary"], (path, method)
+                assert operation.get("description"), (path, method)
