@@ -79,7 +79,7 @@ class FakePiston:
 @contextlib.asynccontextmanager
 async def serve_fake(fake: FakePiston) -> AsyncIterator[FakePiston]:
     config = uvicorn.Config(fake.app(), host="127.0.0.1", port=fake.port, log_level="warning",
-                            lifespan="off")
+                            lifespan="off", timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:
@@ -88,4 +88,5 @@ async def serve_fake(fake: FakePiston) -> AsyncIterator[FakePiston]:
         yield fake
     finally:
         server.should_exit = True
+        server.force_exit = True  # a hung handler must not hold the test's teardown
         await task

@@ -101,7 +101,7 @@ async def execute(request: Request, principal: PrincipalDep, state: StateDep) ->
     mode = cache_mode(
         ttl_seconds=settings.cache_ttl_seconds,
         tenant_cache=tenant.cache,
-        cache_control=request.headers.get("cache-control"),
+        cache_control=", ".join(request.headers.getlist("cache-control")) or None,
     )
     digest = (
         cache_digest(effective, tenant_id=tenant.id if settings.cache_scope == "tenant" else None)
@@ -141,7 +141,8 @@ async def execute(request: Request, principal: PrincipalDep, state: StateDep) ->
             result = await state.flights.run(
                 digest,
                 deadline_s=deadline_s + settings.queue_timeout_ms / 1000,
-                lock_ttl_ms=deadline_ms + _LEASE_SLACK_MS,
+                # The leader may first queue for an upstream slot: the lock must outlast that.
+                lock_ttl_ms=deadline_ms + settings.queue_timeout_ms + _LEASE_SLACK_MS,
                 execute=run,
                 read_cached=lambda: state.gate.read(key),
                 on_result=store,
