@@ -8,7 +8,8 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 .PHONY: setup run test lint bench clean
 
 .venv/.synced: pyproject.toml uv.lock
-	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==0.13.9"
+	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==0.13.9" \
+		|| python3 -m pip install --quiet --break-system-packages "uv==0.13.9"
 	$(UV) sync --frozen --python python3.11
 	@touch $@
 
