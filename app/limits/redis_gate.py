@@ -5,6 +5,11 @@ no read-then-write race between processes. It reads everything first and writes 
 request is admitted, so a refused request consumes no window, no quota and no lease. Time comes
 from Redis (`TIME`), not from the replicas, so clock skew between hosts cannot stretch a window or
 expire a lease early. Needs Redis >= 5 (scripts replicated by effect, so TIME is allowed).
+
+The client the app passes in decides how an outage feels: short socket timeouts, few retries
+without backoff (redis-py's default is ten with backoff), and a pool that waits for a free
+connection rather than failing a burst with MaxConnectionsError. Whatever it does, `deadline_s`
+bounds one admit, so an outage is a prompt 503 (or, failing open, an unlimited answer).
 """
 
 from __future__ import annotations
