@@ -12,7 +12,9 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from app import __version__
 from app.cache import SingleFlight
@@ -57,16 +59,18 @@ Present a key as `Authorization: Bearer <key>`, `X-API-Key: <key>`, or a bare
 
 def open_redis(url: str, *, name: str) -> Redis:
     """One pool per process, short timeouts so an outage is answered quickly, never hung on."""
-    client: Redis = Redis.from_url(
+    # A blocking pool makes a burst wait briefly for a connection instead of failing.
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=256,
+        timeout=2,
         socket_connect_timeout=0.5,
         socket_timeout=1.0,
         health_check_interval=15,
-        retry_on_timeout=False,
+        retry=Retry(NoBackoff(), 1),
         client_name=f"{name}-{os.getpid()}",
-        max_connections=256,
     )
-    return client
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
 
 
 @asynccontextmanager

@@ -124,3 +124,25 @@ def start_engine(port: int | None = None, env: dict[str, str] | None = None) -> 
     service = Service(cli("engine", "--port", str(port)), port, env=env or {})
     service.start(ready_path="/api/v2/runtimes")
     return service
+
+
+def start_gateway(
+    *,
+    redis_url: str | None,
+    piston_url: str,
+    admin_key: str | None = None,
+    env: dict[str, str] | None = None,
+    workers: int = 1,
+) -> Service:
+    """`piston-gateway serve` as a real process, ready when /healthz answers."""
+    port = free_port()
+    settings = {"GATEWAY_PISTON_URLS": piston_url, **(env or {})}
+    if redis_url:
+        settings["GATEWAY_REDIS_URL"] = redis_url
+    if admin_key:
+        settings["GATEWAY_ADMIN_KEY"] = admin_key
+    service = Service(
+        cli("serve", "--port", str(port), "--workers", str(workers)), port, env=settings
+    )
+    service.start(ready_path="/healthz")
+    return service

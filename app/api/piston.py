@@ -60,13 +60,11 @@ def _stage_deadline_ms(limits: Mapping[str, int | None]) -> int:
 async def _run_upstream(
     state: AppState, body: bytes, *, runtime: Any, language: str, tenant: str, deadline_s: float
 ) -> UpstreamAnswer:
-    async with state.slots.acquire():
+    async with state.slots.acquire():  # also keeps pgw_executions_in_flight
         started = time.perf_counter()
-        state.metrics.in_flight.inc()
         try:
             return await state.pool.execute(body, runtime=runtime, read_timeout=deadline_s)
         finally:
-            state.metrics.in_flight.dec()
             state.metrics.execute_duration.labels(language=language).observe(
                 time.perf_counter() - started
             )
@@ -144,7 +142,8 @@ async def execute(request: Request, principal: PrincipalDep, state: StateDep) ->
                 # The leader may first queue for an upstream slot: the lock must outlast that.
                 lock_ttl_ms=deadline_ms + settings.queue_timeout_ms + _LEASE_SLACK_MS,
                 execute=run,
-                read_cached=lambda: state.gate.read(key),
+                # no-cache asks for a fresh run: don't let the flight fall back on the entry.
+                read_cached=(lambda: state.gate.read(key)) if mode.lookup else None,
                 on_result=store,
             )
         else:
