@@ -200,6 +200,8 @@ _ANSWER: Final = b"a"
 _ERROR: Final = b"e"
 
 _REDIS_FAULTS: Final = (RedisError, OSError)
+_CLOSE_TIMEOUT_S: Final = 2.0
+_START_WAIT_S: Final = 1.0
 _LEASE_MS: Final = 3_000
 _RESUBSCRIBE_MAX_S: Final = 5.0
 _WAKE_UP_GRACE_S: Final = 0.1
@@ -315,6 +317,12 @@ class SingleFlight:
     async def start(self) -> None:
         """Subscribe to wake-ups now rather than at the first wait (an outage is only logged)."""
         self._ensure_listener()
+        # Return once subscribed (or after a bound, if Redis is down): a cancel that lands while
+        # redis-py is still connecting can be lost on Python 3.11, hanging shutdown.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _START_WAIT_S
+        while self._redis is not None and not self._listening and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
 
     async def close(self) -> None:
         """Stop listening and end the flights still running (their locks are released)."""
@@ -326,9 +334,13 @@ class SingleFlight:
             tasks.append(self._listener)
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:
+            # Bounded: redis-py can swallow a cancel that lands while a connection is being
+            # made (asyncio's wait_for race on 3.11), and shutdown must not hang on it.
+            _, pending = await asyncio.wait(tasks, timeout=_CLOSE_TIMEOUT_S)
+            for task in pending:
+                task.cancel()
+                log.warning("single_flight_task_did_not_stop", task=task.get_name())
         self._listener = None
 
     # -- the API
@@ -580,7 +592,7 @@ class SingleFlight:
         """One pub/sub connection for the whole process, re-made after an outage."""
         backoff = 0.1
         failing = False
-        while True:
+        while not self._closed:  # a cancel lost inside redis-py still ends the loop here
             pubsub = redis.pubsub()
             try:
                 await pubsub.psubscribe(FLIGHT + "*")

@@ -120,7 +120,9 @@ def _engine_process(port: int) -> Iterator[str]:
 def dev(
     host: str = typer.Option("127.0.0.1", help="Address for the gateway."),
     port: int = typer.Option(8000, help="Port for the gateway."),
-    engine_port: int = typer.Option(2000, help="Port for the embedded engine (a free one if taken)."),
+    engine_port: int = typer.Option(
+        2000, help="Port for the embedded engine (a free one if taken)."
+    ),
 ) -> None:
     """The embedded engine and the gateway together, with a dev tenant and key printed at start."""
     import uvicorn

@@ -17,7 +17,7 @@ DEV_TENANT = "dev"
 
 def dev_settings(engine_url: str) -> Settings:
     """The environment's settings, pointed at the embedded engine."""
-    return Settings(piston_urls=[engine_url])  # type: ignore[list-item]
+    return Settings(piston_urls=[engine_url])
 
 
 def print_dev_banner(base_url: str) -> Callable[[AppState], Awaitable[None]]:

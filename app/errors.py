@@ -187,4 +187,6 @@ def message_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         503: "No upstream reachable, overloaded, or Redis unavailable",
         504: "The upstream took too long",
     }
-    return {code: {"description": descriptions.get(code, "Error"), **_MESSAGE_SCHEMA} for code in codes}
+    return {
+        code: {"description": descriptions.get(code, "Error"), **_MESSAGE_SCHEMA} for code in codes
+    }

@@ -27,13 +27,15 @@ def json_response(
     content: Any, status_code: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
     return Response(
-        orjson.dumps(content), status_code=status_code, headers=headers,
+        orjson.dumps(content),
+        status_code=status_code,
+        headers=headers,
         media_type="application/json",
     )
 
 
 async def read_json_body(request: Request, max_bytes: int) -> Any:
-    """The JSON body, refused early: 415 if not JSON, 413 past `max_bytes`, 400 if it won't parse."""
+    """The JSON body, refused early: 415 if not JSON, 413 past `max_bytes`, 400 if unparseable."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("application/json"):
         raise UnsupportedMediaType()
@@ -61,7 +63,7 @@ _REQUEST_ID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ
 def _request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == b"x-request-id":
-            candidate = value.decode("latin-1")
+            candidate: str = value.decode("latin-1")
             # Echo a caller's id only if it is short and plain, so it cannot forge log lines.
             if 0 < len(candidate) <= 128 and set(candidate) <= _REQUEST_ID_OK:
                 return candidate

@@ -16,30 +16,42 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "pgw_requests_total", "HTTP requests answered", ["route", "status"],
+            "pgw_requests_total",
+            "HTTP requests answered",
+            ["route", "status"],
             registry=self.registry,
         )
         self.execute_duration = Histogram(
-            "pgw_execute_duration_seconds", "Time to answer an execute, cache hits included",
-            ["language"], buckets=_DURATION_BUCKETS, registry=self.registry,
+            "pgw_execute_duration_seconds",
+            "Time to answer an execute, cache hits included",
+            ["language"],
+            buckets=_DURATION_BUCKETS,
+            registry=self.registry,
         )
         self.cache = Counter(
             "pgw_cache_total", "Result cache outcomes", ["outcome"], registry=self.registry
         )
         self.rejected = Counter(
-            "pgw_rejected_total", "Requests refused by a limit", ["reason"],
+            "pgw_rejected_total",
+            "Requests refused by a limit",
+            ["reason"],
             registry=self.registry,
         )
         self.upstream_errors = Counter(
-            "pgw_upstream_errors_total", "Failed upstream calls", ["upstream", "kind"],
+            "pgw_upstream_errors_total",
+            "Failed upstream calls",
+            ["upstream", "kind"],
             registry=self.registry,
         )
         self.in_flight = Gauge(
-            "pgw_executions_in_flight", "Executions sent upstream and not yet answered",
+            "pgw_executions_in_flight",
+            "Executions sent upstream and not yet answered",
             registry=self.registry,
         )
         self.tenant_executions = Counter(
-            "pgw_tenant_executions_total", "Executions answered, per tenant", ["tenant"],
+            "pgw_tenant_executions_total",
+            "Executions answered, per tenant",
+            ["tenant"],
             registry=self.registry,
         )
         # Touch the label sets a dashboard expects, so they read 0 rather than missing.

@@ -67,9 +67,9 @@ class Settings(BaseSettings):
     rate_limit_strategy: Literal["fixed-window", "moving-window"] = "fixed-window"
     rate_limit_fail_open: bool = False
     auth_failure_rate_limit: str = "20/minute"
-    trusted_proxies: Annotated[
-        list[ipaddress.IPv4Network | ipaddress.IPv6Network], NoDecode
-    ] = Field(default_factory=list)
+    trusted_proxies: Annotated[list[ipaddress.IPv4Network | ipaddress.IPv6Network], NoDecode] = (
+        Field(default_factory=list)
+    )
     max_concurrency: Positive = 64
     max_queue: NonNegative = 256
     queue_timeout_ms: NonNegative = 10_000
@@ -98,7 +98,9 @@ class Settings(BaseSettings):
         try:
             parse_many(value)
         except ValueError as exc:
-            raise ValueError(f"not a rate limit like '60/minute' or '10/second;500/hour': {exc}")
+            raise ValueError(
+                f"not a rate limit like '60/minute' or '10/second;500/hour': {exc}"
+            ) from None
         return value
 
     @field_validator("allowed_languages")

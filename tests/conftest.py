@@ -62,9 +62,7 @@ GatewayFactory = Callable[..., Awaitable[Gateway]]
 
 
 @pytest.fixture
-async def make_gateway(
-    redis_server: RedisServer, engine: Service
-) -> AsyncIterator[GatewayFactory]:
+async def make_gateway(redis_server: RedisServer, engine: Service) -> AsyncIterator[GatewayFactory]:
     """Build gateways with their own settings over a flushed Redis; closes them after the test."""
     flusher = Redis.from_url(redis_server.url)
     await flusher.flushall()

@@ -25,8 +25,16 @@ OK_ANSWER: dict[str, Any] = {
     "language": "python",
     "version": "3.12.0",
     "run": {
-        "stdout": "hi\n", "stderr": "", "output": "hi\n", "code": 0, "signal": None,
-        "message": None, "status": None, "cpu_time": 8, "wall_time": 20, "memory": 1000,
+        "stdout": "hi\n",
+        "stderr": "",
+        "output": "hi\n",
+        "code": 0,
+        "signal": None,
+        "message": None,
+        "status": None,
+        "cpu_time": 8,
+        "wall_time": 20,
+        "memory": 1000,
     },
 }
 
@@ -61,28 +69,42 @@ class FakePiston:
         if self.mode == "no-run":
             return Response(b'{"language": "python"}', media_type="application/json")
         if self.mode == "400-message":
-            return Response(b'{"message": "run_timeout cannot exceed the configured limit of 3000"}',
-                            status_code=400, media_type="application/json")
+            return Response(
+                b'{"message": "run_timeout cannot exceed the configured limit of 3000"}',
+                status_code=400,
+                media_type="application/json",
+            )
         if self.mode == "413-trace":
-            return Response(b"PayloadTooLargeError: request entity too large\n    at readStream "
-                            b"(/piston_api/node_modules/raw-body/index.js:155:17)",
-                            status_code=413, media_type="text/html")
+            return Response(
+                b"PayloadTooLargeError: request entity too large\n    at readStream "
+                b"(/piston_api/node_modules/raw-body/index.js:155:17)",
+                status_code=413,
+                media_type="text/html",
+            )
         return Response(orjson.dumps(OK_ANSWER), media_type="application/json")
 
     def app(self) -> Starlette:
-        return Starlette(routes=[
-            Route("/api/v2/runtimes", self._runtimes),
-            Route("/api/v2/execute", self._execute, methods=["POST"]),
-        ])
+        return Starlette(
+            routes=[
+                Route("/api/v2/runtimes", self._runtimes),
+                Route("/api/v2/execute", self._execute, methods=["POST"]),
+            ]
+        )
 
 
 @contextlib.asynccontextmanager
 async def serve_fake(fake: FakePiston) -> AsyncIterator[FakePiston]:
-    config = uvicorn.Config(fake.app(), host="127.0.0.1", port=fake.port, log_level="warning",
-                            lifespan="off", timeout_graceful_shutdown=1)
+    config = uvicorn.Config(
+        fake.app(),
+        host="127.0.0.1",
+        port=fake.port,
+        log_level="warning",
+        lifespan="off",
+        timeout_graceful_shutdown=1,
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
-    while not server.started:
+    while not server.started:  # noqa: ASYNC110  # uvicorn offers no event for this
         await asyncio.sleep(0.01)
     try:
         yield fake

@@ -20,14 +20,15 @@ HELLO: dict[str, tuple[str, str]] = {
     "c++": (
         "main.cpp",
         "#include <iostream>\n#include <string>\nint main(int c, char **v) { std::string l;"
-        " std::getline(std::cin, l); std::cout << \"hello \" << l; for (int i = 1; i < c; i++)"
-        " std::cout << \" \" << v[i]; std::cout << std::endl; }\n",
+        ' std::getline(std::cin, l); std::cout << "hello " << l; for (int i = 1; i < c; i++)'
+        ' std::cout << " " << v[i]; std::cout << std::endl; }\n',
     ),
     "java": (
         "Main.java",
         "public class Main { public static void main(String[] a) {"
         " String l = new java.util.Scanner(System.in).nextLine();"
-        " System.out.println(\"hello \" + l + (a.length > 0 ? \" \" + String.join(\" \", a) : \"\")); } }\n",
+        ' System.out.println("hello " + l'
+        ' + (a.length > 0 ? " " + String.join(" ", a) : "")); } }\n',
     ),
 }
 

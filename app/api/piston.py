@@ -75,12 +75,18 @@ async def _run_upstream(
     "/execute",
     dependencies=[Depends(require_scope("execute"))],
     responses={
-        200: {"description": "Piston's answer, unchanged", "content": {
-            "application/json": {"schema": EXECUTE_RESPONSE_SCHEMA}}},
+        200: {
+            "description": "Piston's answer, unchanged",
+            "content": {"application/json": {"schema": EXECUTE_RESPONSE_SCHEMA}},
+        },
         **message_responses(400, 401, 403, 413, 415, 429, 502, 503, 504),
     },
-    openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": EXECUTE_REQUEST_SCHEMA}}}},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": EXECUTE_REQUEST_SCHEMA}},
+        }
+    },
 )
 async def execute(request: Request, principal: PrincipalDep, state: StateDep) -> Response:
     """Run code, exactly as Piston's POST /api/v2/execute (answers carry X-Cache)."""
@@ -115,7 +121,8 @@ async def execute(request: Request, principal: PrincipalDep, state: StateDep) ->
         state.metrics.cache.labels(outcome="hit").inc()
         state.metrics.tenant_executions.labels(tenant=tenant.id).inc()
         return Response(
-            admission.cached, headers=_cache_headers(admission.headers, "HIT"),
+            admission.cached,
+            headers=_cache_headers(admission.headers, "HIT"),
             media_type="application/json",
         )
 
@@ -124,7 +131,11 @@ async def execute(request: Request, principal: PrincipalDep, state: StateDep) ->
 
     async def run() -> UpstreamAnswer:
         return await _run_upstream(
-            state, forward, runtime=runtime, language=runtime.language, tenant=tenant.id,
+            state,
+            forward,
+            runtime=runtime,
+            language=runtime.language,
+            tenant=tenant.id,
             deadline_s=deadline_s,
         )
 
@@ -157,14 +168,19 @@ async def execute(request: Request, principal: PrincipalDep, state: StateDep) ->
     state.metrics.tenant_executions.labels(tenant=tenant.id).inc()
     if isinstance(result, bytes):  # another process ran it and stored the answer meanwhile
         await state.gate.finish(admission, error=False, cpu_time_ms=0, wall_time_ms=0)
-        return Response(result, headers=_cache_headers(admission.headers, outcome),
-                        media_type="application/json")
+        return Response(
+            result,
+            headers=_cache_headers(admission.headers, outcome),
+            media_type="application/json",
+        )
     await state.gate.finish(
         admission, error=False, cpu_time_ms=result.cpu_time_ms, wall_time_ms=result.wall_time_ms
     )
     return Response(
-        result.body, status_code=result.status_code,
-        headers=_cache_headers(admission.headers, outcome), media_type="application/json",
+        result.body,
+        status_code=result.status_code,
+        headers=_cache_headers(admission.headers, outcome),
+        media_type="application/json",
     )
 
 

@@ -159,7 +159,8 @@ def rate_limit_headers(states: Sequence[PolicyState], now: float) -> dict[str, s
         return {}
     closest = min(states, key=lambda s: (s.remaining, -s.reset))
     remaining = max(0, closest.remaining)
-    seconds_left = max(0, math.ceil(closest.reset - now))
+    # Never more than the window: the in-process storage rounds its expiry up a second.
+    seconds_left = max(0, min(closest.window_seconds, math.ceil(closest.reset - now)))
     return {
         "X-RateLimit-Limit": str(closest.quota),
         "X-RateLimit-Remaining": str(remaining),

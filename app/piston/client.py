@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -163,7 +163,9 @@ class PistonPool:
         while True:
             # A sick upstream is checked again sooner, so recovery shows within seconds.
             healthy = all(u.healthy for u in self.upstreams)
-            await asyncio.sleep(self._refresh_seconds if healthy else min(2.0, self._refresh_seconds))
+            await asyncio.sleep(
+                self._refresh_seconds if healthy else min(2.0, self._refresh_seconds)
+            )
             await self.refresh()
 
     async def refresh(self) -> None:
@@ -175,7 +177,13 @@ class PistonPool:
             response.raise_for_status()
             data = orjson.loads(response.content)
             runtimes = tuple(Runtime.from_json(item) for item in data)
-        except (httpx.HTTPError, orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        except (
+            httpx.HTTPError,
+            orjson.JSONDecodeError,
+            KeyError,
+            TypeError,
+            AttributeError,
+        ) as exc:
             if upstream.healthy:
                 log.warning("upstream_unhealthy", upstream=upstream.url, error=type(exc).__name__)
             upstream.healthy = False

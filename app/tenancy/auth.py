@@ -51,6 +51,7 @@ _PING_INTERVAL_SECONDS: Final = 0.5
 _DEAF_AFTER_SECONDS: Final = 1.0
 _RECONNECT_DELAY_SECONDS: Final = 0.5
 _CLOSE_TIMEOUT_SECONDS: Final = 2.0
+_START_WAIT_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +103,11 @@ class Authenticator:
     async def start(self) -> None:
         if self._caching and self._listener is None:
             self._listener = asyncio.create_task(self._listen(), name="key-cache-invalidation")
+            # Return once subscribed (or after a bound, if Redis is down): a cancel that lands
+            # while redis-py is still connecting can be lost on Python 3.11, hanging shutdown.
+            deadline = time.monotonic() + _START_WAIT_SECONDS
+            while not self.listening and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
 
     async def close(self) -> None:
         listener, self._listener = self._listener, None

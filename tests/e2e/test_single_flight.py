@@ -18,8 +18,11 @@ ADMIN = "pgw_e2e_admin_key_for_single_flight_tests_0123456789"
 
 def _engine_jobs(engine: Service) -> float:
     text = httpx.get(f"{engine.url}/metrics", timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("pgw_engine_jobs_total{"))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("pgw_engine_jobs_total{")
+    )
 
 
 @pytest.fixture
@@ -27,8 +30,10 @@ def replicas(redis_server: RedisServer, engine: Service) -> Iterator[list[Servic
     import redis
 
     redis.Redis.from_url(redis_server.url).flushall()
-    started = [start_gateway(redis_url=redis_server.url, piston_url=engine.url, admin_key=ADMIN)
-               for _ in range(2)]
+    started = [
+        start_gateway(redis_url=redis_server.url, piston_url=engine.url, admin_key=ADMIN)
+        for _ in range(2)
+    ]
     yield started
     for service in started:
         service.stop()
@@ -36,10 +41,15 @@ def replicas(redis_server: RedisServer, engine: Service) -> Iterator[list[Servic
 
 def _key(gateway: Service, tenant: str) -> str:
     headers = {"Authorization": f"Bearer {ADMIN}"}
-    httpx.post(f"{gateway.url}/admin/tenants", headers=headers, timeout=10,
-               json={"id": tenant, "rate_limit": "1000/minute"}).raise_for_status()
-    minted = httpx.post(f"{gateway.url}/admin/tenants/{tenant}/keys", headers=headers, json={},
-                        timeout=10)
+    httpx.post(
+        f"{gateway.url}/admin/tenants",
+        headers=headers,
+        timeout=10,
+        json={"id": tenant, "rate_limit": "1000/minute"},
+    ).raise_for_status()
+    minted = httpx.post(
+        f"{gateway.url}/admin/tenants/{tenant}/keys", headers=headers, json={}, timeout=10
+    )
     minted.raise_for_status()
     return str(minted.json()["key"])
 
@@ -49,17 +59,28 @@ def _program(seed: str, sleep: float) -> dict[str, object]:
     return {"language": "python", "version": "*", "files": [{"content": source}]}
 
 
-async def _fire(urls: list[str], key: str, body: dict[str, object], count: int) -> list[httpx.Response]:
+async def _fire(
+    urls: list[str], key: str, body: dict[str, object], count: int
+) -> list[httpx.Response]:
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=count)) as client:
-        return list(await asyncio.gather(*(
-            client.post(f"{urls[i % len(urls)]}/api/v2/execute", json=body,
-                        headers={"Authorization": f"Bearer {key}"})
-            for i in range(count)
-        )))
+        return list(
+            await asyncio.gather(
+                *(
+                    client.post(
+                        f"{urls[i % len(urls)]}/api/v2/execute",
+                        json=body,
+                        headers={"Authorization": f"Bearer {key}"},
+                    )
+                    for i in range(count)
+                )
+            )
+        )
 
 
 class TestAcrossProcesses:
-    def test_fifty_identical_requests_run_once(self, replicas: list[Service], engine: Service) -> None:
+    def test_fifty_identical_requests_run_once(
+        self, replicas: list[Service], engine: Service
+    ) -> None:
         key = _key(replicas[0], "flight")
         before = _engine_jobs(engine)
         answers = asyncio.run(_fire([g.url for g in replicas], key, _program("once", 1.0), 50))
@@ -67,16 +88,22 @@ class TestAcrossProcesses:
         assert len({a.json()["run"]["stdout"] for a in answers}) == 1  # one random number for all
         assert _engine_jobs(engine) - before == 1
 
-    def test_waiters_survive_the_leaders_death(self, replicas: list[Service], engine: Service) -> None:
+    def test_waiters_survive_the_leaders_death(
+        self, replicas: list[Service], engine: Service
+    ) -> None:
         leader, survivor = replicas
         key = _key(leader, "takeover")
         body = _program("takeover", 2.0)
 
         async def scenario() -> list[httpx.Response]:
             async with httpx.AsyncClient(timeout=60) as client:
-                first = asyncio.create_task(client.post(
-                    f"{leader.url}/api/v2/execute", json=body,
-                    headers={"Authorization": f"Bearer {key}"}))
+                first = asyncio.create_task(
+                    client.post(
+                        f"{leader.url}/api/v2/execute",
+                        json=body,
+                        headers={"Authorization": f"Bearer {key}"},
+                    )
+                )
                 await asyncio.sleep(0.5)  # the leader holds the flight lock and runs the job
                 waiters = asyncio.create_task(_fire([survivor.url], key, body, 5))
                 await asyncio.sleep(0.3)

@@ -31,22 +31,36 @@ class TestHitAndMiss:
     async def test_key_order_and_defaults_share_an_entry(self, gateway: Gateway) -> None:
         key = await gateway.tenant()
         await gateway.execute(key, RANDOM)
-        reordered = {"files": RANDOM["files"], "version": "*", "language": "python",
-                     "stdin": "", "args": [], "run_timeout": 3000}
+        reordered = {
+            "files": RANDOM["files"],
+            "version": "*",
+            "language": "python",
+            "stdin": "",
+            "args": [],
+            "run_timeout": 3000,
+        }
         again = await gateway.execute(key, reordered)
         assert again.headers["x-cache"] == "HIT"
 
     async def test_aliases_resolve_to_the_same_entry(self, gateway: Gateway) -> None:
         key = await gateway.tenant()
         await gateway.execute(key, RANDOM)
-        assert (await gateway.execute(key, {**RANDOM, "language": "py", "version": "3.x"})).headers["x-cache"] == "HIT"
+        assert (await gateway.execute(key, {**RANDOM, "language": "py", "version": "3.x"})).headers[
+            "x-cache"
+        ] == "HIT"
 
     @pytest.mark.parametrize(
         "change",
-        [{"stdin": "x"}, {"args": ["x"]}, {"run_timeout": 2999},
-         {"files": [{"content": "import random\nprint(random.random())", "name": "other.py"}]}],
+        [
+            {"stdin": "x"},
+            {"args": ["x"]},
+            {"run_timeout": 2999},
+            {"files": [{"content": "import random\nprint(random.random())", "name": "other.py"}]},
+        ],
     )
-    async def test_what_changes_output_misses(self, gateway: Gateway, change: dict[str, Any]) -> None:
+    async def test_what_changes_output_misses(
+        self, gateway: Gateway, change: dict[str, Any]
+    ) -> None:
         key = await gateway.tenant()
         await gateway.execute(key, RANDOM)
         assert (await gateway.execute(key, {**RANDOM, **change})).headers["x-cache"] == "MISS"
@@ -60,7 +74,8 @@ class TestCacheControl:
         assert fresh.headers["x-cache"] == "MISS"
         assert _out(fresh) != _out(first)
         after = await gateway.execute(key, RANDOM)
-        assert after.headers["x-cache"] == "HIT" and after.content == fresh.content
+        assert after.headers["x-cache"] == "HIT"
+        assert after.content == fresh.content
 
     async def test_no_store_neither_reads_nor_writes(self, gateway: Gateway) -> None:
         key = await gateway.tenant()
@@ -101,7 +116,8 @@ class TestScope:
         globex = await gateway.tenant("globex")
         first = await gateway.execute(acme, RANDOM)
         shared = await gateway.execute(globex, RANDOM)
-        assert shared.headers["x-cache"] == "HIT" and shared.content == first.content
+        assert shared.headers["x-cache"] == "HIT"
+        assert shared.content == first.content
 
 
 class TestNotStored:
@@ -120,17 +136,24 @@ class TestNotStored:
 
     async def test_a_runtime_error_is_an_answer_and_is_stored(self, gateway: Gateway) -> None:
         key = await gateway.tenant()
-        failing = {**RANDOM, "files": [{"content": "import random\nraise SystemExit(random.randint(1, 9))"}]}
+        failing = {
+            **RANDOM,
+            "files": [{"content": "import random\nraise SystemExit(random.randint(1, 9))"}],
+        }
         first = await gateway.execute(key, failing)
         assert first.json()["run"]["status"] == "RE"
         second = await gateway.execute(key, failing)
-        assert second.headers["x-cache"] == "HIT" and second.content == first.content
+        assert second.headers["x-cache"] == "HIT"
+        assert second.content == first.content
 
 
 class TestSingleFlightInProcess:
     async def test_identical_requests_run_once(self, gateway: Gateway) -> None:
         key = await gateway.tenant(rate_limit="1000/minute")
-        slow = {**RANDOM, "files": [{"content": "import random, time\ntime.sleep(0.5)\nprint(random.random())"}]}
+        slow = {
+            **RANDOM,
+            "files": [{"content": "import random, time\ntime.sleep(0.5)\nprint(random.random())"}],
+        }
         answers = await asyncio.gather(*(gateway.execute(key, slow) for _ in range(20)))
         assert {a.status_code for a in answers} == {200}
         assert len({_out(a) for a in answers}) == 1
@@ -139,5 +162,6 @@ class TestSingleFlightInProcess:
         key = await gateway.tenant(rate_limit="2/minute")
         await gateway.execute(key, RANDOM)
         hit = await gateway.execute(key, RANDOM)
-        assert hit.headers["x-cache"] == "HIT" and hit.headers["x-ratelimit-remaining"] == "0"
+        assert hit.headers["x-cache"] == "HIT"
+        assert hit.headers["x-ratelimit-remaining"] == "0"
         assert (await gateway.execute(key, RANDOM)).status_code == 429

@@ -97,7 +97,9 @@ class TestUsage:
         key = await gateway.tenant(rate_limit="4/minute")
         await gateway.execute(key, PY)  # run
         await gateway.execute(key, PY)  # hit
-        await gateway.execute(key, {**PY, "files": [{"content": "import time; time.sleep(0.1)"}]})  # run
+        await gateway.execute(
+            key, {**PY, "files": [{"content": "import time; time.sleep(0.1)"}]}
+        )  # run
         await gateway.execute(key, {**PY, "language": "cobol"})  # 400: never reaches the limiter
         await gateway.execute(key, {**PY, "stdin": "x"})  # run
         await gateway.execute(key, PY)  # 429
@@ -108,8 +110,14 @@ class TestUsage:
         today = usage.json()["days"][0]
         assert usage.json()["tenant"] == "acme"
         assert today["date"] == time.strftime("%Y-%m-%d", time.gmtime())
-        assert (today["executions"], today["cache_hits"], today["rate_limited"], today["errors"]) == (4, 1, 1, 0)
-        assert today["cpu_time_ms"] > 0 and today["wall_time_ms"] >= 100
+        assert (
+            today["executions"],
+            today["cache_hits"],
+            today["rate_limited"],
+            today["errors"],
+        ) == (4, 1, 1, 0)
+        assert today["cpu_time_ms"] > 0
+        assert today["wall_time_ms"] >= 100
         assert all(day["executions"] == 0 for day in usage.json()["days"][1:])
 
 
@@ -121,13 +129,17 @@ class TestRedisOutage:
         yield server
         server.stop()
 
-    async def _gateway(self, make_gateway: GatewayFactory, redis: RedisServer, **extra: Any) -> tuple[Gateway, str]:
+    async def _gateway(
+        self, make_gateway: GatewayFactory, redis: RedisServer, **extra: Any
+    ) -> tuple[Gateway, str]:
         gateway = await make_gateway(redis_url=redis.url, **extra)
         key = await gateway.tenant(rate_limit="100/minute")
         assert (await gateway.execute(key, PY)).status_code == 200  # key now in the key cache
         return gateway, key
 
-    async def test_fail_closed_then_recovers(self, make_gateway: GatewayFactory, own_redis: RedisServer) -> None:
+    async def test_fail_closed_then_recovers(
+        self, make_gateway: GatewayFactory, own_redis: RedisServer
+    ) -> None:
         gateway, key = await self._gateway(make_gateway, own_redis)
         own_redis.stop()
         down = await gateway.execute(key, {**PY, "stdin": "1"})
@@ -140,7 +152,9 @@ class TestRedisOutage:
         assert back.status_code == 200
         assert back.headers["x-cache"] == "MISS"
 
-    async def test_fail_open_serves_without_limits(self, make_gateway: GatewayFactory, own_redis: RedisServer) -> None:
+    async def test_fail_open_serves_without_limits(
+        self, make_gateway: GatewayFactory, own_redis: RedisServer
+    ) -> None:
         gateway, key = await self._gateway(make_gateway, own_redis, rate_limit_fail_open=True)
         own_redis.stop()
         served = await gateway.execute(key, {**PY, "stdin": "1"})

@@ -49,7 +49,8 @@ class TestAllowList:
         key = await gateway.tenant(allowed_languages=["bash", "python"])
         listed = (await gateway.client.get("/api/v2/runtimes", headers={"X-API-Key": key})).json()
         assert {rt["language"] for rt in listed} == {"bash", "python"}
-        everything = httpx.get(f"{engine.url}/api/v2/runtimes", timeout=5).json()
+        async with httpx.AsyncClient(timeout=5) as direct:
+            everything = (await direct.get(f"{engine.url}/api/v2/runtimes")).json()
         assert len(everything) > len(listed)
 
     async def test_packages_hide_what_the_key_may_not_run(self, gateway: Gateway) -> None:
@@ -59,7 +60,9 @@ class TestAllowList:
 
 
 class TestCaps:
-    async def _forwarded(self, make_gateway: GatewayFactory, tenant: dict[str, int], body: dict[str, int]) -> dict[str, int]:
+    async def _forwarded(
+        self, make_gateway: GatewayFactory, tenant: dict[str, int], body: dict[str, int]
+    ) -> dict[str, int]:
         async with serve_fake(FakePiston()) as fake:
             gateway = await make_gateway(piston_urls=[fake.url])
             key = await gateway.tenant(**tenant)
@@ -70,7 +73,11 @@ class TestCaps:
     async def test_omitted_limits_take_the_tenants_caps(self, make_gateway: GatewayFactory) -> None:
         sent = await self._forwarded(
             make_gateway,
-            {"max_run_timeout": 1500, "max_compile_timeout": 4000, "max_run_memory_limit": 64_000_000},
+            {
+                "max_run_timeout": 1500,
+                "max_compile_timeout": 4000,
+                "max_run_memory_limit": 64_000_000,
+            },
             {},
         )
         assert sent["run_timeout"] == 1500
@@ -85,9 +92,21 @@ class TestCaps:
     @pytest.mark.parametrize(
         ("tenant", "body", "message"),
         [
-            ({"max_run_timeout": 1500}, {"run_timeout": 1501}, "run_timeout cannot exceed the configured limit of 1500"),
-            ({"max_compile_cpu_time": 100}, {"compile_cpu_time": 200}, "compile_cpu_time cannot exceed the configured limit of 100"),
-            ({"max_run_memory_limit": 1000}, {"run_memory_limit": 5000}, "run_memory_limit cannot exceed the configured limit of 1000"),
+            (
+                {"max_run_timeout": 1500},
+                {"run_timeout": 1501},
+                "run_timeout cannot exceed the configured limit of 1500",
+            ),
+            (
+                {"max_compile_cpu_time": 100},
+                {"compile_cpu_time": 200},
+                "compile_cpu_time cannot exceed the configured limit of 100",
+            ),
+            (
+                {"max_run_memory_limit": 1000},
+                {"run_memory_limit": 5000},
+                "run_memory_limit cannot exceed the configured limit of 1000",
+            ),
             ({}, {"run_timeout": -1}, "run_timeout must be non-negative"),
             ({}, {"run_memory_limit": "lots"}, "If specified, run_memory_limit must be a number"),
         ],

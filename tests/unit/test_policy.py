@@ -87,9 +87,21 @@ def test_uncapped_memory_stays_omitted() -> None:
 @pytest.mark.parametrize(
     ("tenant_caps", "body", "message"),
     [
-        ({"max_run_timeout": 1000}, {"run_timeout": 1001}, "run_timeout cannot exceed the configured limit of 1000"),
-        ({}, {"compile_timeout": 10001}, "compile_timeout cannot exceed the configured limit of 10000"),
-        ({"max_run_memory_limit": 1000}, {"run_memory_limit": -1}, "run_memory_limit must be non-negative"),
+        (
+            {"max_run_timeout": 1000},
+            {"run_timeout": 1001},
+            "run_timeout cannot exceed the configured limit of 1000",
+        ),
+        (
+            {},
+            {"compile_timeout": 10001},
+            "compile_timeout cannot exceed the configured limit of 10000",
+        ),
+        (
+            {"max_run_memory_limit": 1000},
+            {"run_memory_limit": -1},
+            "run_memory_limit must be non-negative",
+        ),
         ({}, {"run_cpu_time": -2}, "run_cpu_time must be non-negative"),
     ],
 )

@@ -48,9 +48,13 @@ def test_unknown(language: str, selector: str) -> None:
 
 
 def test_equal_versions_keep_the_first_listed() -> None:
-    twins = [Runtime("javascript", "1.0.0", ("js",), "node"), Runtime("javascript", "1.0.0", ("js",), "bun")]
+    twins = [
+        Runtime("javascript", "1.0.0", ("js",), "node"),
+        Runtime("javascript", "1.0.0", ("js",), "bun"),
+    ]
     found = resolve_runtime(twins, "js", "*")
-    assert found is not None and found.runtime == "node"
+    assert found is not None
+    assert found.runtime == "node"
 
 
 def test_message_is_pistons() -> None:
@@ -58,5 +62,11 @@ def test_message_is_pistons() -> None:
 
 
 def test_json_round_trip_keeps_unknown_fields() -> None:
-    data = {"language": "python", "version": "3.12.0", "aliases": ["py"], "runtime": "cpython", "x": 1}
+    data = {
+        "language": "python",
+        "version": "3.12.0",
+        "aliases": ["py"],
+        "runtime": "cpython",
+        "x": 1,
+    }
     assert Runtime.from_json(data).as_json() == data

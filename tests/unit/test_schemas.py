@@ -27,20 +27,35 @@ def body(**overrides: Any) -> dict[str, Any]:
         (body(files=[]), "files must include at least one file"),
         (body(files=[{"content": 1}]), "files[0].content is required as a string"),
         (body(files=["x"]), "files[0] must be an object with a content string"),
-        (body(files=[{"content": "x"}, {"name": 5, "content": "y"}]), "files[1].name must be a string"),
-        (body(files=[{"name": "/etc/passwd", "content": "x"}]), "files[0].name must be a relative path"),
+        (
+            body(files=[{"content": "x"}, {"name": 5, "content": "y"}]),
+            "files[1].name must be a string",
+        ),
+        (
+            body(files=[{"name": "/etc/passwd", "content": "x"}]),
+            "files[0].name must be a relative path",
+        ),
         (body(files=[{"name": "../x", "content": "x"}]), "files[0].name must be a relative path"),
-        (body(files=[{"name": "a/../../x", "content": "x"}]), "files[0].name must be a relative path"),
+        (
+            body(files=[{"name": "a/../../x", "content": "x"}]),
+            "files[0].name must be a relative path",
+        ),
         (body(files=[{"name": "..", "content": "x"}]), "files[0].name must be a relative path"),
         (body(files=[{"content": "x", "encoding": "rot13"}]), "files[0].encoding must be one of"),
-        (body(files=[{"content": "%%%", "encoding": "base64"}]), "files[0].content is not valid base64"),
+        (
+            body(files=[{"content": "%%%", "encoding": "base64"}]),
+            "files[0].content is not valid base64",
+        ),
         (body(files=[{"content": "zz", "encoding": "hex"}]), "files[0].content is not valid hex"),
         (body(stdin=5), "stdin must be a string"),
         (body(args="a b"), "args must be an array of strings"),
         (body(args=[1]), "args must be an array of strings"),
         (body(run_timeout="3000"), "If specified, run_timeout must be a number"),
         (body(run_timeout=True), "If specified, run_timeout must be a number"),
-        (body(compile_memory_limit=1.5), "If specified, compile_memory_limit must be a whole number"),
+        (
+            body(compile_memory_limit=1.5),
+            "If specified, compile_memory_limit must be a whole number",
+        ),
     ],
 )
 def test_bad_bodies(raw: Any, message: str) -> None:
@@ -58,8 +73,13 @@ def test_too_many_files() -> None:
 def test_good_body() -> None:
     parsed = parse_execute(
         body(
-            files=[{"name": "src/main.py", "content": "print(1)"}, {"content": "aGk=", "encoding": "base64"}],
-            stdin="in", args=["a"], run_timeout=1000.0,
+            files=[
+                {"name": "src/main.py", "content": "print(1)"},
+                {"content": "aGk=", "encoding": "base64"},
+            ],
+            stdin="in",
+            args=["a"],
+            run_timeout=1000.0,
         )
     )
     assert parsed.files[0].name == "src/main.py"
@@ -79,9 +99,17 @@ def test_needs_a_utf8_file() -> None:
 @pytest.mark.parametrize(
     ("limits", "caps", "message"),
     [
-        ({"run_timeout": 5000}, {"run_timeout": 3000}, "run_timeout cannot exceed the configured limit of 3000"),
+        (
+            {"run_timeout": 5000},
+            {"run_timeout": 3000},
+            "run_timeout cannot exceed the configured limit of 3000",
+        ),
         ({"run_timeout": -5}, {"run_timeout": 3000}, "run_timeout must be non-negative"),
-        ({"run_memory_limit": -1}, {"run_memory_limit": 1000}, "run_memory_limit must be non-negative"),
+        (
+            {"run_memory_limit": -1},
+            {"run_memory_limit": 1000},
+            "run_memory_limit must be non-negative",
+        ),
         ({"run_cpu_time": -3}, {"run_cpu_time": -1}, "run_cpu_time must be non-negative"),
     ],
 )

@@ -1,0 +1,376 @@
+"""`make bench`: the gateway's hot path against its floor, measured in one run.
+
+Every server runs under the same uvicorn settings (one worker, uvloop, httptools, no access log);
+load comes from wrk, a second process on loopback. Each figure is printed with the floor taken in
+the same run, as a ratio, because the machines are shared and an absolute time means little.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import secrets
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from tests.support import RedisServer, Service, cli, free_port, start_engine
+
+RESULTS = Path(__file__).with_name("results.json")
+ADMIN_KEY = "pgw_bench_admin_" + secrets.token_hex(16)
+PROGRAM = {"language": "python", "version": "*", "files": [{"content": "print(6 * 7)"}]}
+
+
+@dataclass
+class Load:
+    requests: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    return float(value) * _UNITS[unit]
+
+
+def wrk(
+    url: str, body: bytes, headers: dict[str, str], *, seconds: float, connections: int
+) -> Load:
+    """POST the same body for `seconds` from wrk (one thread: the other core serves)."""
+    lua = "wrk.method = 'POST'\nwrk.body = " + json.dumps(body.decode()) + "\n"
+    for name, value in {"Content-Type": "application/json", **headers}.items():
+        lua += f"wrk.headers[{json.dumps(name)}] = {json.dumps(value)}\n"
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(lua)
+    import subprocess
+
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            "--latency",
+            "-s",
+            script.name,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    os.unlink(script.name)
+    done = re.search(r"(\d+) requests in ([\d.]+)(ms|s)", out)
+    assert done, out
+    elapsed = float(done.group(2)) / (1000 if done.group(3) == "ms" else 1)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+    )
+    return Load(
+        requests=int(done.group(1)),
+        seconds=elapsed,
+        rps=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        p50_ms=_ms(re.search(r"50%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
+        p99_ms=_ms(re.search(r"99%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
+        errors=(int(errors.group(1)) if errors else 0)
+        + (sum(int(n) for n in socket_errors.groups()) if socket_errors else 0),
+    )
+
+
+def uvicorn_app(factory: str, env: dict[str, str] | None = None) -> Service:
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        factory,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    service = Service(argv, port, env=env or {})
+    return service
+
+
+def gateway(upstream: str, redis_url: str) -> Service:
+    port = free_port()
+    env = {
+        "GATEWAY_PISTON_URLS": upstream,
+        "GATEWAY_REDIS_URL": redis_url,
+        "GATEWAY_ADMIN_KEY": ADMIN_KEY,
+        "GATEWAY_LOG_LEVEL": "warning",
+        "GATEWAY_MAX_CONCURRENCY": "256",
+    }
+    return Service(cli("serve", "--port", str(port), "--workers", "1"), port, env=env)
+
+
+def mint(gw: Service, tenant: str, **fields: Any) -> str:
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    body = {"id": tenant, "rate_limit": "100000000/hour", **fields}
+    httpx.post(f"{gw.url}/admin/tenants", json=body, headers=admin, timeout=10).raise_for_status()
+    minted = httpx.post(f"{gw.url}/admin/tenants/{tenant}/keys", json={}, headers=admin, timeout=10)
+    minted.raise_for_status()
+    return str(minted.json()["key"])
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def redis_calls(url: str) -> int:
+    import redis
+
+    stats = redis.Redis.from_url(url).info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+
+
+async def _burst(
+    url: str, body: bytes, headers: dict[str, str], count: int, concurrency: int
+) -> float:
+    """Send `count` requests, `concurrency` at a time; returns requests per second."""
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+        queue = iter(range(count))
+
+        async def worker() -> None:
+            for _ in queue:
+                response = await client.post(
+                    url, content=body, headers={"Content-Type": "application/json", **headers}
+                )
+                response.raise_for_status()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return count / (time.perf_counter() - started)
+
+
+async def _single_flight(url: str, headers: dict[str, str], count: int) -> None:
+    body = orjson.dumps({**PROGRAM, "stdin": secrets.token_hex(8)})  # a miss nobody cached yet
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=count)) as client:
+        answers = await asyncio.gather(
+            *(
+                client.post(
+                    url, content=body, headers={"Content-Type": "application/json", **headers}
+                )
+                for _ in range(count)
+            )
+        )
+    assert all(a.status_code == 200 for a in answers), {a.status_code for a in answers}
+
+
+def run(smoke: bool) -> dict[str, Any]:
+    seconds = 1 if smoke else 5
+    connections = 16
+    results: dict[str, Any] = {"smoke": smoke, "cores": os.cpu_count()}
+    redis_server = RedisServer()
+    redis_server.start()
+    started: list[Service] = []
+
+    def up(service: Service, ready: str = "/") -> Service:
+        service.start(ready_path=ready)
+        started.append(service)
+        return service
+
+    try:
+        floor = up(uvicorn_app("bench.servers:floor_app"), "/docs")
+        upstream = up(uvicorn_app("bench.servers:instant_upstream_app"), "/api/v2/runtimes")
+        gw = up(gateway(upstream.url, redis_server.url), "/healthz")
+        key = mint(gw, "bench")
+        bypass_key = mint(gw, "bench-nocache", cache=False)
+        auth = {"Authorization": f"Bearer {key}"}
+        body = orjson.dumps(PROGRAM)
+
+        # 1-2. Floor and the cache-hit path.
+        httpx.post(
+            f"{gw.url}/api/v2/execute",
+            content=body,
+            headers={**auth, "Content-Type": "application/json"},
+        ).raise_for_status()
+        floor_load = wrk(
+            f"{floor.url}/api/v2/execute", body, {}, seconds=seconds, connections=connections
+        )
+        calls_before = redis_calls(redis_server.url)
+        hit = wrk(f"{gw.url}/api/v2/execute", body, auth, seconds=seconds, connections=connections)
+        calls = redis_calls(redis_server.url) - calls_before
+        results["floor"] = asdict(floor_load)
+        results["cache_hit"] = {**asdict(hit), "ratio_to_floor": hit.rps / floor_load.rps}
+        # 7. Redis round trips per cache hit (every command counts; pipelines count per command).
+        results["redis_commands_per_hit"] = calls / max(hit.requests, 1)
+
+        # 3. Pass-through: the instant upstream alone, then through the gateway (cache off).
+        direct = wrk(
+            f"{upstream.url}/api/v2/execute", body, {}, seconds=seconds, connections=connections
+        )
+        through = wrk(
+            f"{gw.url}/api/v2/execute",
+            body,
+            {"Authorization": f"Bearer {bypass_key}"},
+            seconds=seconds,
+            connections=connections,
+        )
+        results["pass_through"] = {
+            "direct": asdict(direct),
+            "gateway": asdict(through),
+            "added_p50_ms": through.p50_ms - direct.p50_ms,
+            "added_p99_ms": through.p99_ms - direct.p99_ms,
+            "throughput_ratio": through.rps / direct.rps,
+        }
+
+        # 6. Memory: RSS after 1,000 and after 100,000 requests (cache hits).
+        assert gw.proc is not None
+        total = 0
+        target_small, target_large = (200, 2_000) if smoke else (1_000, 100_000)
+        asyncio.run(_burst(f"{gw.url}/api/v2/execute", body, auth, target_small, 8))
+        rss_small = rss_mb(gw.proc.pid)
+        total = target_small
+        while total < target_large:
+            load = wrk(
+                f"{gw.url}/api/v2/execute", body, auth, seconds=seconds, connections=connections
+            )
+            total += load.requests
+        results["memory"] = {
+            "rss_mb_after_small": rss_small,
+            "small": target_small,
+            "rss_mb_after_large": rss_mb(gw.proc.pid),
+            "large": total,
+            "growth_mb": rss_mb(gw.proc.pid) - rss_small,
+        }
+
+        # 4. Single-flight: 200 concurrent identical misses behind a slow upstream.
+        slow = up(
+            uvicorn_app("bench.servers:instant_upstream_app", {"BENCH_UPSTREAM_DELAY_MS": "300"}),
+            "/api/v2/runtimes",
+        )
+        slow_gw = up(gateway(slow.url, redis_server.url), "/healthz")
+        slow_key = mint(slow_gw, "bench-flight")
+        asyncio.run(
+            _single_flight(
+                f"{slow_gw.url}/api/v2/execute",
+                {"Authorization": f"Bearer {slow_key}"},
+                20 if smoke else 200,
+            )
+        )
+        results["single_flight"] = {
+            "requests": 20 if smoke else 200,
+            "upstream_executions": int(httpx.get(f"{slow.url}/count").text),
+        }
+
+        # 5. Real execution: a small Python program, direct to the engine and through the gateway.
+        engine = start_engine()
+        started.append(engine)
+        real_gw = up(gateway(engine.url, redis_server.url), "/healthz")
+        real_key = mint(real_gw, "bench-real", cache=False)
+        count = 20 if smoke else 200
+        direct_rps = asyncio.run(_burst(f"{engine.url}/api/v2/execute", body, {}, count, 8))
+        gw_rps = asyncio.run(
+            _burst(
+                f"{real_gw.url}/api/v2/execute",
+                body,
+                {"Authorization": f"Bearer {real_key}"},
+                count,
+                8,
+            )
+        )
+        results["real_execution"] = {
+            "requests": count,
+            "direct_rps": direct_rps,
+            "gateway_rps": gw_rps,
+            "ratio": gw_rps / direct_rps,
+        }
+    finally:
+        for service in reversed(started):
+            service.stop()
+        redis_server.stop()
+    return results
+
+
+def report(results: dict[str, Any]) -> str:
+    hit, floor, pt = results["cache_hit"], results["floor"], results["pass_through"]
+    real, memory = results["real_execution"], results["memory"]
+    rows = [
+        (
+            "floor: bare FastAPI, same bytes",
+            f"{floor['rps']:.0f} req/s",
+            f"p50 {floor['p50_ms']:.2f} ms, p99 {floor['p99_ms']:.2f} ms",
+            "1.00",
+        ),
+        (
+            "cache hit (auth, limits, cache)",
+            f"{hit['rps']:.0f} req/s",
+            f"p50 {hit['p50_ms']:.2f} ms, p99 {hit['p99_ms']:.2f} ms",
+            f"{hit['ratio_to_floor']:.2f} of floor (target >= 0.50)",
+        ),
+        (
+            "pass-through overhead",
+            f"{pt['gateway']['rps']:.0f} vs {pt['direct']['rps']:.0f} req/s",
+            f"+{pt['added_p50_ms']:.2f} ms p50, +{pt['added_p99_ms']:.2f} ms p99",
+            f"{pt['throughput_ratio']:.2f} of direct (target +1 ms p50, +5 ms p99)",
+        ),
+        (
+            "single-flight misses",
+            f"{results['single_flight']['requests']} requests",
+            f"{results['single_flight']['upstream_executions']} upstream execution(s)",
+            "target 1",
+        ),
+        (
+            "real execution (python)",
+            f"{real['gateway_rps']:.1f} vs {real['direct_rps']:.1f} req/s",
+            "",
+            f"{real['ratio']:.2f} of direct (target >= 0.95)",
+        ),
+        (
+            "memory (RSS)",
+            f"{memory['rss_mb_after_small']:.1f} -> {memory['rss_mb_after_large']:.1f} MB",
+            f"after {memory['small']} -> {memory['large']} requests",
+            f"{memory['growth_mb']:+.1f} MB (target <= 10)",
+        ),
+        (
+            "Redis commands per cache hit",
+            f"{results['redis_commands_per_hit']:.2f}",
+            "",
+            "target <= 1",
+        ),
+    ]
+    width = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(cell.ljust(width[i]) for i, cell in enumerate(row)) for row in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="a tiny load, to check the harness")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    results = run(args.smoke)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(report(results))  # noqa: T201
+    print(f"\nwritten to {args.out}")  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()
