@@ -46,4 +46,10 @@ def get_state(request: Request) -> AppState:
     return state
 
 
-StateDep = Annotated[AppState, Depends(get_state)]
+async def _state_dependency(request: Request) -> AppState:
+    # async on purpose: FastAPI runs a plain `def` dependency in a thread pool, a thread hop
+    # per request on the hot path.
+    return get_state(request)
+
+
+StateDep = Annotated[AppState, Depends(_state_dependency)]

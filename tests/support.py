@@ -159,3 +159,13 @@ def start_gateway(
     )
     service.start(ready_path="/healthz")
     return service
+
+
+def engine_jobs(engine: Service) -> float:
+    """How many jobs the engine has run, from its own /metrics: real executions, counted."""
+    text = httpx.get(f"{engine.url}/metrics", timeout=5).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("pgw_engine_jobs_total{")
+    )

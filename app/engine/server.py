@@ -11,6 +11,7 @@ from app.engine.app import create_app
 from app.engine.config import EngineSettings
 from app.engine.jobs import Engine
 from app.engine.sandbox import SandboxUnavailable
+from app.logging import configure_logging
 
 __all__ = ["run"]
 
@@ -29,4 +30,13 @@ def run(*, host: str = "127.0.0.1", port: int = 2000) -> None:
     sys.stderr.write(f"piston-gateway engine: runtimes {listed}\n")
     # The asyncio loop, not uvloop: job stages drop to the job uid through subprocess's
     # user/group arguments, which uvloop's subprocess support lacks.
-    uvicorn.run(create_app(settings, engine), host=host, port=port, loop="asyncio", workers=1)
+    configure_logging("info")  # JSON lines like the gateway's; no per-request access lines
+    uvicorn.run(
+        create_app(settings, engine),
+        host=host,
+        port=port,
+        loop="asyncio",
+        workers=1,
+        log_config=None,
+        access_log=False,
+    )

@@ -176,6 +176,7 @@ def utc_day(now: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(now))
 
 
+@lru_cache(maxsize=8)
 def day_end(day: str) -> datetime:
     """Midnight UTC after `day`: when its quota resets."""
     return datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC) + timedelta(days=1)

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import ROOT, RedisServer, Service, cli, free_port
+from tests.support import ROOT, RedisServer, Service, cli, free_port, start_gateway
 
 ADMIN_KEY = "pgw_e2e_cli_admin_key_abcdefghijklmnopqrstuvwxyz012345"
 ADMIN = {"X-API-Key": ADMIN_KEY}
@@ -26,17 +26,7 @@ def redis_url(redis_server: RedisServer) -> str:
 
 @pytest.fixture(scope="module")
 def server(redis_url: str, engine: Service) -> Iterator[Service]:
-    port = free_port()
-    service = Service(
-        cli("serve", "--port", str(port)),
-        port,
-        env={
-            "GATEWAY_REDIS_URL": redis_url,
-            "GATEWAY_PISTON_URLS": engine.url,
-            "GATEWAY_ADMIN_KEY": ADMIN_KEY,
-        },
-    )
-    service.start(ready_path="/healthz")
+    service = start_gateway(redis_url=redis_url, piston_url=engine.url, admin_key=ADMIN_KEY)
     yield service
     service.stop()
 

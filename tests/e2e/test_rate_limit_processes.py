@@ -3,28 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import httpx
-import pytest
 
-from tests.support import RedisServer, Service, start_gateway
+from tests.e2e.conftest import E2E_ADMIN_KEY
+from tests.support import Service
 
-ADMIN = "pgw_e2e_admin_key_for_rate_limit_tests_0123456789ab"
-
-
-@pytest.fixture
-def replicas(redis_server: RedisServer, engine: Service) -> Iterator[list[Service]]:
-    import redis
-
-    redis.Redis.from_url(redis_server.url).flushall()
-    started = [
-        start_gateway(redis_url=redis_server.url, piston_url=engine.url, admin_key=ADMIN)
-        for _ in range(2)
-    ]
-    yield started
-    for service in started:
-        service.stop()
+ADMIN = E2E_ADMIN_KEY
 
 
 def test_sixty_requests_over_two_processes_admit_exactly_twenty(replicas: list[Service]) -> None:

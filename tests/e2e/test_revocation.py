@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.support import RedisServer, Service, cli, free_port
+from tests.support import RedisServer, Service, start_gateway
 
 ADMIN_KEY = "pgw_e2e_admin_key_abcdefghijklmnopqrstuvwxyz0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -17,19 +17,12 @@ _DB = 3
 
 
 def _start_gateway(redis_url: str, engine: Service) -> Service:
-    port = free_port()
-    service = Service(
-        cli("serve", "--port", str(port)),
-        port,
-        env={
-            "GATEWAY_REDIS_URL": redis_url,
-            "GATEWAY_PISTON_URLS": engine.url,
-            "GATEWAY_ADMIN_KEY": ADMIN_KEY,
-            "GATEWAY_LOG_LEVEL": "debug",
-        },
+    return start_gateway(
+        redis_url=redis_url,
+        piston_url=engine.url,
+        admin_key=ADMIN_KEY,
+        env={"GATEWAY_LOG_LEVEL": "debug"},  # the most there is to log, for the no-key check
     )
-    service.start(ready_path="/healthz")
-    return service
 
 
 @pytest.fixture(scope="module")

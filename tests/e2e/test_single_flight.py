@@ -6,37 +6,14 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.support import RedisServer, Service, start_gateway
+from tests.e2e.conftest import E2E_ADMIN_KEY
+from tests.support import Service, engine_jobs
 
-ADMIN = "pgw_e2e_admin_key_for_single_flight_tests_0123456789"
-
-
-def _engine_jobs(engine: Service) -> float:
-    text = httpx.get(f"{engine.url}/metrics", timeout=5).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("pgw_engine_jobs_total{")
-    )
-
-
-@pytest.fixture
-def replicas(redis_server: RedisServer, engine: Service) -> Iterator[list[Service]]:
-    import redis
-
-    redis.Redis.from_url(redis_server.url).flushall()
-    started = [
-        start_gateway(redis_url=redis_server.url, piston_url=engine.url, admin_key=ADMIN)
-        for _ in range(2)
-    ]
-    yield started
-    for service in started:
-        service.stop()
+ADMIN = E2E_ADMIN_KEY
 
 
 def _key(gateway: Service, tenant: str) -> str:
@@ -82,11 +59,11 @@ class TestAcrossProcesses:
         self, replicas: list[Service], engine: Service
     ) -> None:
         key = _key(replicas[0], "flight")
-        before = _engine_jobs(engine)
+        before = engine_jobs(engine)
         answers = asyncio.run(_fire([g.url for g in replicas], key, _program("once", 1.0), 50))
         assert {a.status_code for a in answers} == {200}
         assert len({a.json()["run"]["stdout"] for a in answers}) == 1  # one random number for all
-        assert _engine_jobs(engine) - before == 1
+        assert engine_jobs(engine) - before == 1
 
     def test_waiters_survive_the_leaders_death(
         self, replicas: list[Service], engine: Service

@@ -12,19 +12,10 @@ import pytest
 from tests.conftest import ADMIN_KEY, Gateway, GatewayFactory
 from tests.fakes import FakePiston, serve_fake
 from tests.programs import HELLO, hello_body
-from tests.support import Service, free_port
+from tests.support import Service, engine_jobs, free_port
 
 PY = {"language": "python", "version": "*", "files": [{"content": "print('hi')"}]}
 VOLATILE = ("cpu_time", "wall_time", "memory")
-
-
-def _engine_jobs(engine: Service) -> float:
-    text = httpx.get(f"{engine.url}/metrics", timeout=5).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("pgw_engine_jobs_total{")
-    )
 
 
 def _stable(answer: dict[str, Any]) -> dict[str, Any]:
@@ -96,11 +87,11 @@ class TestExecute:
         self, gateway: Gateway, engine: Service
     ) -> None:
         key = await gateway.tenant()
-        before = _engine_jobs(engine)
+        before = engine_jobs(engine)
         response = await gateway.execute(key, {**PY, "language": "cobol", "version": "9.x"})
         assert response.status_code == 400
         assert response.json() == {"message": "cobol-9.x runtime is unknown"}
-        assert _engine_jobs(engine) == before
+        assert engine_jobs(engine) == before
 
 
 class TestBadInput:

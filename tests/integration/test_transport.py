@@ -1,0 +1,173 @@
+"""The lean HTTP/1.1 transport against scripted raw-socket servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+import pytest
+
+from app.piston.transport import LeanTransport
+from tests.support import free_port
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+Serve = Callable[[Handler], Awaitable[tuple["Server", LeanTransport]]]
+
+
+async def _read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head + await reader.readexactly(length)
+
+
+class Server:
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.requests: list[bytes] = []
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self.handler(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    servers: list[asyncio.Server] = []
+    transports: list[LeanTransport] = []
+
+    async def start(handler: Handler) -> tuple[Server, LeanTransport]:
+        server = Server(handler)
+        port = free_port()
+        servers.append(await asyncio.start_server(server._serve, "127.0.0.1", port))
+        transport = LeanTransport("127.0.0.1", port)
+        transports.append(transport)
+        return server, transport
+
+    yield start
+    for transport in transports:
+        await transport.aclose()
+    for s in servers:
+        s.close()
+        await s.wait_closed()
+
+
+def _request(url: str = "http://127.0.0.1/api/v2/execute", read: float = 5.0) -> httpx.Request:
+    return httpx.Request(
+        "POST",
+        url,
+        content=b'{"a": 1}',
+        headers={"Content-Type": "application/json"},
+        extensions={"timeout": {"connect": 2.0, "read": read}},
+    )
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: application/json\r\n\r\n{}"
+
+
+async def test_keeps_the_connection_alive(serve: Serve) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            server.requests.append(await _read_request(reader))
+            writer.write(OK)
+
+    server, transport = await serve(handler)
+    for _ in range(3):
+        response = await transport.handle_async_request(_request())
+        assert response.status_code == 200
+        assert response.content == b"{}"
+    assert server.connections == 1
+    assert server.requests[0].startswith(b"POST /api/v2/execute HTTP/1.1\r\n")
+    assert b"Content-Length: 8\r\n" in server.requests[0]
+    assert server.requests[0].endswith(b'{"a": 1}')
+
+
+async def test_chunked_answer(serve: Serve) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n"
+        )
+
+    _, transport = await serve(handler)
+    response = await transport.handle_async_request(_request())
+    assert response.content == b"abcdefg"
+
+
+async def test_body_delimited_by_close(serve: Serve) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 502 Bad Gateway\r\n\r\nupstream trouble")
+        await writer.drain()
+        writer.close()
+
+    _, transport = await serve(handler)
+    response = await transport.handle_async_request(_request())
+    assert (response.status_code, response.content) == (502, b"upstream trouble")
+
+
+async def test_connection_close_is_honoured(serve: Serve) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+
+    server, transport = await serve(handler)
+    for _ in range(2):
+        assert (await transport.handle_async_request(_request())).status_code == 200
+    assert server.connections == 2
+
+
+async def test_a_stale_kept_alive_connection_is_replaced(serve: Serve) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Answer once, then close the idle connection without a word (a server's idle timeout).
+        server.requests.append(await _read_request(reader))
+        writer.write(OK)
+        await writer.drain()
+
+    server, transport = await serve(handler)
+    assert (await transport.handle_async_request(_request())).status_code == 200
+    await asyncio.sleep(0.05)
+    assert (await transport.handle_async_request(_request())).status_code == 200
+    assert len(server.requests) == 2  # the second request was sent once, on a new connection
+
+
+async def test_garbage_is_a_protocol_error(serve: Serve) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
+
+    _, transport = await serve(handler)
+    with pytest.raises(httpx.RemoteProtocolError):
+        await transport.handle_async_request(_request())
+
+
+async def test_a_hang_is_a_read_timeout(serve: Serve) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        await asyncio.sleep(10)
+
+    _, transport = await serve(handler)
+    with pytest.raises(httpx.ReadTimeout):
+        await transport.handle_async_request(_request(read=0.2))
+
+
+async def test_refused_is_a_connect_error() -> None:
+    transport = LeanTransport("127.0.0.1", free_port())
+    with pytest.raises(httpx.ConnectError):
+        await transport.handle_async_request(_request())
+
+
+def test_only_plain_http_urls() -> None:
+    assert LeanTransport.for_url("https://piston.example:2000") is None
+    assert LeanTransport.for_url("http://piston:2000") is not None
