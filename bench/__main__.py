@@ -45,8 +45,10 @@ _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 
 
 def _ms(text: str) -> float:
-    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()  # type: ignore[union-attr]
-    return float(value) * _UNITS[unit]
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if match is None:
+        raise ValueError(f"wrk printed a latency this harness cannot read: {text!r}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
 
 
 def wrk(
@@ -77,7 +79,8 @@ def wrk(
     ).stdout
     os.unlink(script.name)
     done = re.search(r"(\d+) requests in ([\d.]+)(ms|s)", out)
-    assert done, out
+    if done is None or re.search(r"^\s+99%\s+(\S+)\s*$", out, re.M) is None:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
     elapsed = float(done.group(2)) / (1000 if done.group(3) == "ms" else 1)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(
@@ -87,8 +90,8 @@ def wrk(
         requests=int(done.group(1)),
         seconds=elapsed,
         rps=float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
-        p50_ms=_ms(re.search(r"50%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
-        p99_ms=_ms(re.search(r"99%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
+        p50_ms=_ms(re.search(r"^\s+50%\s+(\S+)\s*$", out, re.M).group(1)),  # type: ignore[union-attr]
+        p99_ms=_ms(re.search(r"^\s+99%\s+(\S+)\s*$", out, re.M).group(1)),  # type: ignore[union-attr]
         errors=(int(errors.group(1)) if errors else 0)
         + (sum(int(n) for n in socket_errors.groups()) if socket_errors else 0),
     )

@@ -7,21 +7,30 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from app.cache import cache_digest, cache_key, cache_mode
+from app.cache import CacheMode, cache_digest, cache_key, cache_mode
 from app.errors import BadGateway, GatewayError, ServiceUnavailable, message_responses
 from app.http import json_response, read_json_body
+from app.limits import Admission
 from app.piston.client import UpstreamAnswer, upstream_error
-from app.piston.schemas import EXECUTE_REQUEST_SCHEMA, EXECUTE_RESPONSE_SCHEMA, parse_execute
+from app.piston.resolve import Runtime
+from app.piston.schemas import (
+    EXECUTE_REQUEST_SCHEMA,
+    EXECUTE_RESPONSE_SCHEMA,
+    ExecuteRequest,
+    parse_execute,
+)
 from app.policy import effective_caps, effective_request, language_allowed
+from app.settings import Settings
 from app.state import AppState, StateDep, get_state
 from app.tenancy.auth import PrincipalDep, authorize, require_scope
-from app.tenancy.models import Principal
+from app.tenancy.models import Principal, Tenant
 
 __all__ = ["router"]
 
@@ -44,10 +53,6 @@ def _route(method: str, path: str, **kwargs: Any) -> Callable[[Callable[..., Any
     return register
 
 
-def _cache_headers(headers: dict[str, str], outcome: str) -> dict[str, str]:
-    return {**headers, "X-Cache": outcome}
-
-
 def _stage_deadline_ms(limits: Mapping[str, int | None]) -> int:
     """How long Piston may take at most: both stages' timeouts (its defaults where unset)."""
     total = 0
@@ -58,16 +63,95 @@ def _stage_deadline_ms(limits: Mapping[str, int | None]) -> int:
 
 
 async def _run_upstream(
-    state: AppState, body: bytes, *, runtime: Any, language: str, tenant: str, deadline_s: float
+    state: AppState, body: bytes, runtime: Runtime, *, deadline_s: float
 ) -> UpstreamAnswer:
+    """One execution on an upstream, inside this process's cap on executions in flight."""
     async with state.slots.acquire():  # also keeps pgw_executions_in_flight
         started = time.perf_counter()
         try:
             return await state.pool.execute(body, runtime=runtime, read_timeout=deadline_s)
         finally:
-            state.metrics.execute_duration.labels(language=language).observe(
+            state.metrics.execute_duration.labels(language=runtime.language).observe(
                 time.perf_counter() - started
             )
+
+
+@dataclass(frozen=True, slots=True)
+class _CachePlan:
+    mode: CacheMode
+    digest: str | None  # None: neither read nor written
+
+    @property
+    def key(self) -> str | None:
+        return cache_key(self.digest) if self.digest else None
+
+    @property
+    def lookup_key(self) -> str | None:
+        return self.key if self.mode.lookup else None
+
+
+def _cache_plan(
+    request: Request, settings: Settings, tenant: Tenant, effective: ExecuteRequest
+) -> _CachePlan:
+    mode = cache_mode(
+        ttl_seconds=settings.cache_ttl_seconds,
+        tenant_cache=tenant.cache,
+        cache_control=", ".join(request.headers.getlist("cache-control")) or None,
+    )
+    if not mode.store:
+        return _CachePlan(mode, None)
+    scope = tenant.id if settings.cache_scope == "tenant" else None
+    return _CachePlan(mode, cache_digest(effective, tenant_id=scope))
+
+
+async def _execute_once(
+    state: AppState,
+    plan: _CachePlan,
+    effective: ExecuteRequest,
+    runtime: Runtime,
+    *,
+    deadline_ms: int,
+) -> UpstreamAnswer | bytes:
+    """Run upstream; identical requests in flight share one run (and its stored answer)."""
+    settings = state.settings
+    forward = orjson.dumps(effective.as_json())
+    deadline_s = deadline_ms / 1000
+
+    async def run() -> UpstreamAnswer:
+        return await _run_upstream(state, forward, runtime, deadline_s=deadline_s)
+
+    key = plan.key
+    if plan.digest is None or key is None:
+        return await run()
+
+    async def store(answer: UpstreamAnswer) -> None:
+        if answer.cacheable:
+            await state.gate.store(key, answer.body, settings.cache_ttl_seconds)
+
+    return await state.flights.run(
+        plan.digest,
+        deadline_s=deadline_s + settings.queue_timeout_ms / 1000,
+        # The leader may first queue for an upstream slot: the lock must outlast that.
+        lock_ttl_ms=deadline_ms + settings.queue_timeout_ms + _LEASE_SLACK_MS,
+        execute=run,
+        # no-cache asks for a fresh run: don't let the flight fall back on the entry.
+        read_cached=(lambda: state.gate.read(key)) if plan.mode.lookup else None,
+        on_result=store,
+    )
+
+
+def _answer(
+    state: AppState,
+    tenant: Tenant,
+    admission: Admission,
+    body: bytes,
+    outcome: str,
+    status: int = 200,
+) -> Response:
+    state.metrics.cache.labels(outcome=outcome.lower()).inc()
+    state.metrics.tenant_executions.labels(tenant=tenant.id).inc()
+    headers = {**admission.headers, "X-Cache": outcome}
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
 @_route(
@@ -93,8 +177,7 @@ async def execute(request: Request) -> Response:
     # cost a fifth of the request's CPU (bench/, cProfile). The 401/403 answers are the same.
     principal = await authorize(request, "execute")
     state = get_state(request)
-    settings = state.settings
-    tenant = principal.tenant
+    settings, tenant = state.settings, principal.tenant
     body = await read_json_body(request, settings.max_body_bytes)
     parsed = parse_execute(body, max_files=settings.max_files)
     runtime = state.catalog.resolve(parsed.language, parsed.version)
@@ -105,86 +188,26 @@ async def execute(request: Request) -> Response:
         global_languages=settings.allowed_languages,
         caps=effective_caps(tenant, settings),
     )
-    mode = cache_mode(
-        ttl_seconds=settings.cache_ttl_seconds,
-        tenant_cache=tenant.cache,
-        cache_control=", ".join(request.headers.getlist("cache-control")) or None,
-    )
-    digest = (
-        cache_digest(effective, tenant_id=tenant.id if settings.cache_scope == "tenant" else None)
-        if mode.store
-        else None
-    )
-    key = cache_key(digest) if digest else None
+    plan = _cache_plan(request, settings, tenant, effective)
     deadline_ms = _stage_deadline_ms(effective.limits) + settings.upstream_grace_ms
     admission = await state.gate.admit(
-        tenant, cache_key=key if mode.lookup else None, lease_ttl_ms=deadline_ms + _LEASE_SLACK_MS
+        tenant, cache_key=plan.lookup_key, lease_ttl_ms=deadline_ms + _LEASE_SLACK_MS
     )
     if admission.cached is not None:
-        state.metrics.cache.labels(outcome="hit").inc()
-        state.metrics.tenant_executions.labels(tenant=tenant.id).inc()
-        return Response(
-            admission.cached,
-            headers=_cache_headers(admission.headers, "HIT"),
-            media_type="application/json",
-        )
-
-    forward = orjson.dumps(effective.as_json())
-    deadline_s = deadline_ms / 1000
-
-    async def run() -> UpstreamAnswer:
-        return await _run_upstream(
-            state,
-            forward,
-            runtime=runtime,
-            language=runtime.language,
-            tenant=tenant.id,
-            deadline_s=deadline_s,
-        )
-
+        return _answer(state, tenant, admission, admission.cached, "HIT")
     try:
-        if key is not None and digest is not None:
-            ttl = settings.cache_ttl_seconds
-
-            async def store(answer: UpstreamAnswer) -> None:
-                if answer.cacheable:
-                    await state.gate.store(key, answer.body, ttl)
-
-            result = await state.flights.run(
-                digest,
-                deadline_s=deadline_s + settings.queue_timeout_ms / 1000,
-                # The leader may first queue for an upstream slot: the lock must outlast that.
-                lock_ttl_ms=deadline_ms + settings.queue_timeout_ms + _LEASE_SLACK_MS,
-                execute=run,
-                # no-cache asks for a fresh run: don't let the flight fall back on the entry.
-                read_cached=(lambda: state.gate.read(key)) if mode.lookup else None,
-                on_result=store,
-            )
-        else:
-            result = await run()
+        result = await _execute_once(state, plan, effective, runtime, deadline_ms=deadline_ms)
     except GatewayError as exc:
         await state.gate.finish(admission, error=True, cpu_time_ms=0, wall_time_ms=0)
         exc.headers = {**admission.headers, **exc.headers}
         raise
-    outcome = mode.label
-    state.metrics.cache.labels(outcome=outcome.lower()).inc()
-    state.metrics.tenant_executions.labels(tenant=tenant.id).inc()
     if isinstance(result, bytes):  # another process ran it and stored the answer meanwhile
         await state.gate.finish(admission, error=False, cpu_time_ms=0, wall_time_ms=0)
-        return Response(
-            result,
-            headers=_cache_headers(admission.headers, outcome),
-            media_type="application/json",
-        )
+        return _answer(state, tenant, admission, result, plan.mode.label)
     await state.gate.finish(
         admission, error=False, cpu_time_ms=result.cpu_time_ms, wall_time_ms=result.wall_time_ms
     )
-    return Response(
-        result.body,
-        status_code=result.status_code,
-        headers=_cache_headers(admission.headers, outcome),
-        media_type="application/json",
-    )
+    return _answer(state, tenant, admission, result.body, plan.mode.label, result.status_code)
 
 
 def _visible(principal: Principal, state: AppState, language: str) -> bool:

@@ -306,6 +306,33 @@ class TestOperations:
             assert family in text
         assert 'pgw_tenant_executions_total{tenant="acme"} 1.0' in text
 
+    async def test_cors_exposes_the_gateway_headers(self, make_gateway: GatewayFactory) -> None:
+        gateway = await make_gateway(cors_origins=["https://ide.example"])
+        key = await gateway.tenant()
+        preflight = await gateway.client.options(
+            "/api/v2/execute",
+            headers={
+                "Origin": "https://ide.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+        )
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "https://ide.example"
+        answer = await gateway.execute(key, PY, Origin="https://ide.example")
+        exposed = {
+            h.strip().lower() for h in answer.headers["access-control-expose-headers"].split(",")
+        }
+        assert {
+            "x-cache",
+            "x-request-id",
+            "x-ratelimit-remaining",
+            "ratelimit",
+            "retry-after",
+        } <= exposed
+        stranger = await gateway.execute(key, PY, Origin="https://evil.example")
+        assert "access-control-allow-origin" not in stranger.headers
+
     async def test_docs_offline(self, gateway: Gateway) -> None:
         docs = await gateway.client.get("/docs")
         assert docs.status_code == 200
