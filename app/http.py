@@ -18,7 +18,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from app.metrics import Metrics
 
-__all__ = ["RequestContextMiddleware", "json_response", "read_json_body"]
+__all__ = [
+    "RequestContextMiddleware",
+    "UnexpectedErrorMiddleware",
+    "json_response",
+    "read_json_body",
+]
 
 log = structlog.get_logger("app.access")
 
@@ -112,3 +117,43 @@ class RequestContextMiddleware:
                 key_prefix=principal,
             )
             structlog.contextvars.unbind_contextvars("request_id")
+
+
+class UnexpectedErrorMiddleware:
+    """The last line of defence, innermost: an unexpected exception becomes a logged
+    `500 {"message": "internal error"}` that still passes out through the request-id and CORS
+    middlewares (Starlette's own `Exception` handler runs outside all of them)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.exception("unhandled_error", path=scope["path"])  # the request id is still bound
+            if started:
+                raise  # too late for an answer of our own; the server closes the connection
+            body = orjson.dumps({"message": "internal error"})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})

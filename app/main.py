@@ -20,7 +20,7 @@ from redis.backoff import NoBackoff
 from app import __version__
 from app.cache import SingleFlight
 from app.errors import install_error_handlers
-from app.http import RequestContextMiddleware
+from app.http import RequestContextMiddleware, UnexpectedErrorMiddleware
 from app.limits import AuthFailureLimiter, UpstreamSlots, create_gate
 from app.logging import configure_logging
 from app.metrics import Metrics
@@ -215,6 +215,9 @@ def create_app(
     app.include_router(ops.router)
 
     _document_key_schemes(app)
+    # Added innermost first: errors -> CORS -> request context (outermost), so that every
+    # answer, a 500 included, carries X-Request-ID and the CORS headers.
+    app.add_middleware(UnexpectedErrorMiddleware)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -190,16 +190,22 @@ async def execute(request: Request) -> Response:
     )
     plan = _cache_plan(request, settings, tenant, effective)
     deadline_ms = _stage_deadline_ms(effective.limits) + settings.upstream_grace_ms
-    admission = await state.gate.admit(
-        tenant, cache_key=plan.lookup_key, lease_ttl_ms=deadline_ms + _LEASE_SLACK_MS
-    )
+    # The lease must outlive the longest the request may take: a wait for a slot, then the run.
+    lease_ttl_ms = deadline_ms + settings.queue_timeout_ms + _LEASE_SLACK_MS
+    admission = await state.gate.admit(tenant, cache_key=plan.lookup_key, lease_ttl_ms=lease_ttl_ms)
     if admission.cached is not None:
         return _answer(state, tenant, admission, admission.cached, "HIT")
     try:
         result = await _execute_once(state, plan, effective, runtime, deadline_ms=deadline_ms)
     except GatewayError as exc:
         await state.gate.finish(admission, error=True, cpu_time_ms=0, wall_time_ms=0)
-        exc.headers = {**admission.headers, **exc.headers}
+        # A fresh error per caller: callers joined in one flight share the exception object,
+        # and each must see its own rate-limit headers.
+        raise GatewayError(
+            exc.message, status_code=exc.status_code, headers={**admission.headers, **exc.headers}
+        ) from None
+    except BaseException:  # cancelled (client gone) or a bug: still release the lease
+        await state.gate.finish(admission, error=True, cpu_time_ms=0, wall_time_ms=0)
         raise
     if isinstance(result, bytes):  # another process ran it and stored the answer meanwhile
         await state.gate.finish(admission, error=False, cpu_time_ms=0, wall_time_ms=0)

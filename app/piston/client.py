@@ -268,7 +268,9 @@ class PistonPool:
                 # and merges URLs, half the cost of a call through the lean transport.
                 request = httpx.Request(
                     method,
-                    upstream.base.copy_with(raw_path=path.encode()),
+                    upstream.base.copy_with(
+                        raw_path=upstream.base.raw_path.rstrip(b"/") + path.encode()
+                    ),
                     content=body,
                     headers=headers,
                     extensions={"timeout": timeout.as_dict()},
@@ -277,8 +279,8 @@ class PistonPool:
                 # cost a third of a call (bench/, cProfile) and the gateway uses none of them.
                 response = await upstream.transport.handle_async_request(request)
                 content = await response.aread()
-            except httpx.ConnectError as exc:
-                # A refused connection means the job never started: safe to try the next one.
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                # Refused or never accepted: the job never started, so try the next upstream.
                 upstream.healthy = False
                 upstream.last_error = type(exc).__name__
                 self._count_error(upstream, "unreachable")

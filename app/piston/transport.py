@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -25,6 +26,7 @@ import httpx
 __all__ = ["LeanTransport"]
 
 _MAX_IDLE = 64
+_MAX_IDLE_SECONDS = 4.0  # under Node's 5 s keep-alive timeout: Piston closes idle sockets then
 _READ_CHUNK = 65_536
 
 
@@ -62,10 +64,6 @@ class _Answer:
         self.complete = True
 
 
-class _StaleConnection(Exception):
-    """A kept-alive connection the server had closed before it read our request."""
-
-
 class LeanTransport(httpx.AsyncBaseTransport):
     """Keep-alive HTTP/1.1 to one plain-http host:port."""
 
@@ -73,7 +71,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self._host = host
         self._port = port
         self._host_header = f"{host}:{port}".encode()
-        self._idle: deque[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = deque()
+        self._idle: deque[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = deque()
         self._max_idle = max_idle
 
     @classmethod
@@ -86,26 +84,30 @@ class LeanTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeouts = request.extensions.get("timeout", {})
         payload = self._serialise(request)
+        # A request is written at most once: if a connection fails after that, Piston may
+        # already be running the job, so the failure is reported, never retried here.
+        connection = self._reusable() or await self._connect(timeouts.get("connect"))
+        return await self._exchange(*connection, payload, timeouts)
+
+    def _reusable(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """The freshest idle connection the server has not closed, if any.
+
+        Checked before anything is written: the event loop has already fed a server's close
+        to the reader, and connections idle longer than a server's usual keep-alive timeout
+        (Node's default, Piston's, is 5 s) are not trusted at all.
+        """
+        now = time.monotonic()
         while self._idle:
-            reader, writer = self._idle.pop()
-            if reader.at_eof() or writer.is_closing():
+            reader, writer, idle_since = self._idle.pop()
+            if reader.at_eof() or writer.is_closing() or now - idle_since > _MAX_IDLE_SECONDS:
                 writer.close()
                 continue
-            try:
-                return await self._exchange(reader, writer, payload, timeouts, reused=True)
-            except _StaleConnection:
-                # The server closed this idle connection before reading anything, so the
-                # request never started: safe to send it again on another connection.
-                continue
-        reader, writer = await self._connect(timeouts.get("connect"))
-        try:
-            return await self._exchange(reader, writer, payload, timeouts, reused=False)
-        except _StaleConnection:
-            raise httpx.RemoteProtocolError("the upstream closed the connection") from None
+            return reader, writer
+        return None
 
     async def aclose(self) -> None:
         while self._idle:
-            _, writer = self._idle.pop()
+            _, writer, _ = self._idle.pop()
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
@@ -150,33 +152,25 @@ class LeanTransport(httpx.AsyncBaseTransport):
         writer: asyncio.StreamWriter,
         payload: bytes,
         timeouts: dict[str, float | None],
-        *,
-        reused: bool,
     ) -> httpx.Response:
         answer = _Answer()
         parser = httptools.HttpResponseParser(answer)
-        received_any = False
         try:
             writer.write(payload)
             async with asyncio.timeout(timeouts.get("read")):
                 while not answer.complete:
                     data = await reader.read(_READ_CHUNK)
                     if not data:
-                        if reused and not received_any:
-                            raise _StaleConnection
                         if answer.delimited_by_close:
                             answer.complete = True
                             break
                         raise httpx.RemoteProtocolError("the upstream closed the connection")
-                    received_any = True
                     parser.feed_data(data)
         except TimeoutError:
             writer.close()
             raise httpx.ReadTimeout("the upstream did not answer in time") from None
         except (ConnectionError, OSError) as exc:
             writer.close()
-            if reused and not received_any:
-                raise _StaleConnection from None
             raise httpx.ReadError(f"the upstream connection failed: {exc}") from None
         except httptools.HttpParserError as exc:
             writer.close()
@@ -186,7 +180,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
             raise
         answer.status = parser.get_status_code()
         if answer.reusable(parser.get_http_version()) and len(self._idle) < self._max_idle:
-            self._idle.append((reader, writer))
+            self._idle.append((reader, writer, time.monotonic()))
         else:
             writer.close()
         return httpx.Response(answer.status, headers=answer.headers, content=b"".join(answer.body))

@@ -333,6 +333,20 @@ class TestOperations:
         stranger = await gateway.execute(key, PY, Origin="https://evil.example")
         assert "access-control-allow-origin" not in stranger.headers
 
+    async def test_an_unexpected_error_is_a_plain_500(
+        self, gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        key = await gateway.tenant()
+
+        def broken(language: str, selector: str) -> None:
+            raise RuntimeError("internal detail /srv/secret")
+
+        monkeypatch.setattr(gateway.state.catalog, "resolve", broken)
+        response = await gateway.execute(key, PY)
+        assert response.status_code == 500
+        assert response.json() == {"message": "internal error"}
+        assert response.headers["x-request-id"]
+
     async def test_docs_offline(self, gateway: Gateway) -> None:
         docs = await gateway.client.get("/docs")
         assert docs.status_code == 200

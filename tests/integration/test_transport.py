@@ -171,3 +171,38 @@ async def test_refused_is_a_connect_error() -> None:
 def test_only_plain_http_urls() -> None:
     assert LeanTransport.for_url("https://piston.example:2000") is None
     assert LeanTransport.for_url("http://piston:2000") is not None
+
+
+async def test_a_request_the_server_dropped_is_not_sent_again(serve: Serve) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        server.requests.append(await _read_request(reader))
+        if len(server.requests) == 1:
+            writer.write(OK)  # the first answer keeps the connection alive...
+            server.requests.append(await _read_request(reader))
+        # ...then the second request is read and the connection dropped, as a crash would.
+
+    server, transport = await serve(handler)
+    assert (await transport.handle_async_request(_request())).status_code == 200
+    with pytest.raises(httpx.TransportError):
+        await transport.handle_async_request(_request())
+    assert len(server.requests) == 2  # Piston may be running it: never written twice
+    assert server.connections == 1
+
+
+async def test_long_idle_connections_are_not_trusted(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import app.piston.transport as transport_module
+
+    monkeypatch.setattr(transport_module, "_MAX_IDLE_SECONDS", 0.05)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await _read_request(reader)
+            writer.write(OK)
+
+    server, transport = await serve(handler)
+    await transport.handle_async_request(_request())
+    await asyncio.sleep(0.1)
+    await transport.handle_async_request(_request())
+    assert server.connections == 2
