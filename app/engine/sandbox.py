@@ -284,7 +284,8 @@ def sweep_uid(uid: int, *, grace: float = 0.5) -> int:
     bwrap's outer process exits as soon as the job's first process does, while the kernel is still
     tearing the pid namespace down, so processes of the uid may linger for a few milliseconds;
     they get `grace` seconds to go on their own. What is left after that escaped the namespace
-    and is killed here, before the uid is handed out again.
+    and is killed here, before the uid is handed out again. Blocking (it sleeps): the engine
+    calls it through asyncio.to_thread, never on the event loop.
     """
     deadline = time.monotonic() + grace
     while (victims := _processes_of(uid)) and time.monotonic() < deadline:
