@@ -105,7 +105,7 @@ class RequestContextMiddleware:
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(route=path, status=str(status)).inc()
+            self.metrics.count_request(path, status)
             principal = getattr(scope.get("state", {}).get("principal"), "key_prefix", None)
             log.info(
                 "request",

@@ -54,8 +54,20 @@ class Metrics:
             ["tenant"],
             registry=self.registry,
         )
-        # Touch the label sets a dashboard expects, so they read 0 rather than missing.
+        # Touch the label sets a dashboard expects, so they read 0 rather than missing; the
+        # children are kept, as labels() costs a lookup with locking on every request.
         for reason in ("rate_limit", "concurrency", "quota", "overload"):
             self.rejected.labels(reason=reason)
-        for outcome in ("hit", "miss", "bypass"):
-            self.cache.labels(outcome=outcome)
+        self.cache_outcomes = {
+            outcome.upper(): self.cache.labels(outcome=outcome)
+            for outcome in ("hit", "miss", "bypass")
+        }
+        self._requests: dict[tuple[str, int], Counter] = {}
+
+    def count_request(self, route: str, status: int) -> None:
+        child = self._requests.get((route, status))
+        if child is None:
+            child = self._requests[(route, status)] = self.requests.labels(
+                route=route, status=str(status)
+            )
+        child.inc()

@@ -241,10 +241,26 @@ def run(smoke: bool) -> dict[str, Any]:
             content=body,
             headers={**auth, "Content-Type": "application/json"},
         ).raise_for_status()
-        floor_load = wrk(
-            f"{floor.url}/api/v2/execute", body, {}, seconds=seconds, connections=connections
-        )
-        hit = wrk(f"{gw.url}/api/v2/execute", body, auth, seconds=seconds, connections=connections)
+        # Interleaved, best of two each: a burst of noise from a neighbour on the shared machine
+        # then hurts a figure and its floor alike, instead of whichever ran at the time.
+        floor_runs, hit_runs = [], []
+        for _ in range(2):
+            floor_runs.append(
+                wrk(
+                    f"{floor.url}/api/v2/execute",
+                    body,
+                    {},
+                    seconds=seconds,
+                    connections=connections,
+                )
+            )
+            hit_runs.append(
+                wrk(
+                    f"{gw.url}/api/v2/execute", body, auth, seconds=seconds, connections=connections
+                )
+            )
+        floor_load = max(floor_runs, key=lambda load: load.rps)
+        hit = max(hit_runs, key=lambda load: load.rps)
         results["floor"] = asdict(floor_load)
         results["cache_hit"] = {**asdict(hit), "ratio_to_floor": hit.rps / floor_load.rps}
         # 7. Redis round trips per cache hit: commands the gateway sent, counted by MONITOR.
@@ -320,16 +336,16 @@ def run(smoke: bool) -> dict[str, Any]:
         real_gw = up(gateway(engine.url, redis_server.url), "/healthz")
         real_key = mint(real_gw, "bench-real", cache=False)
         count = 20 if smoke else 200
-        direct_rps = asyncio.run(_burst(f"{engine.url}/api/v2/execute", body, {}, count, 8))
-        gw_rps = asyncio.run(
-            _burst(
-                f"{real_gw.url}/api/v2/execute",
-                body,
-                {"Authorization": f"Bearer {real_key}"},
-                count,
-                8,
+        real_auth = {"Authorization": f"Bearer {real_key}"}
+        direct_runs, gateway_runs = [], []
+        for _ in range(2):  # interleaved, best of two (see the cache-hit figures)
+            direct_runs.append(
+                asyncio.run(_burst(f"{engine.url}/api/v2/execute", body, {}, count, 8))
             )
-        )
+            gateway_runs.append(
+                asyncio.run(_burst(f"{real_gw.url}/api/v2/execute", body, real_auth, count, 8))
+            )
+        direct_rps, gw_rps = max(direct_runs), max(gateway_runs)
         results["real_execution"] = {
             "requests": count,
             "direct_rps": direct_rps,

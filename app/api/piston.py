@@ -148,7 +148,7 @@ def _answer(
     outcome: str,
     status: int = 200,
 ) -> Response:
-    state.metrics.cache.labels(outcome=outcome.lower()).inc()
+    state.metrics.cache_outcomes[outcome].inc()
     state.metrics.tenant_executions.labels(tenant=tenant.id).inc()
     headers = {**admission.headers, "X-Cache": outcome}
     return Response(body, status_code=status, headers=headers, media_type="application/json")

@@ -171,6 +171,8 @@ def client_address(
     """
     if not scope_client_host:
         return "unknown"
+    if not trusted_proxies or not x_forwarded_for:
+        return scope_client_host  # the common case, without parsing an address per request
     peer = _parse_ip(scope_client_host)
     if peer is None or not x_forwarded_for or not _trusted(peer, trusted_proxies):
         return scope_client_host
