@@ -67,13 +67,7 @@ async def _run_upstream(
 ) -> UpstreamAnswer:
     """One execution on an upstream, inside this process's cap on executions in flight."""
     async with state.slots.acquire():  # also keeps pgw_executions_in_flight
-        started = time.perf_counter()
-        try:
-            return await state.pool.execute(body, runtime=runtime, read_timeout=deadline_s)
-        finally:
-            state.metrics.execute_duration.labels(language=runtime.language).observe(
-                time.perf_counter() - started
-            )
+        return await state.pool.execute(body, runtime=runtime, read_timeout=deadline_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,14 +136,18 @@ async def _execute_once(
 
 def _answer(
     state: AppState,
-    tenant: Tenant,
     admission: Admission,
     body: bytes,
+    *,
     outcome: str,
+    language: str,
+    started: float,
     status: int = 200,
 ) -> Response:
-    state.metrics.cache_outcomes[outcome].inc()
-    state.metrics.tenant_executions.labels(tenant=tenant.id).inc()
+    metrics = state.metrics
+    metrics.execute_duration.labels(language=language).observe(time.perf_counter() - started)
+    metrics.cache_outcomes[outcome].inc()
+    metrics.tenant_executions.labels(tenant=admission.tenant_id).inc()
     headers = {**admission.headers, "X-Cache": outcome}
     return Response(body, status_code=status, headers=headers, media_type="application/json")
 
@@ -173,6 +171,7 @@ def _answer(
 )
 async def execute(request: Request) -> Response:
     """Run code, exactly as Piston's POST /api/v2/execute (answers carry X-Cache)."""
+    started = time.perf_counter()
     # Plain calls rather than FastAPI dependencies: on a cache hit, resolving dependencies
     # cost a fifth of the request's CPU (bench/, cProfile). The 401/403 answers are the same.
     principal = await authorize(request, "execute")
@@ -194,7 +193,14 @@ async def execute(request: Request) -> Response:
     lease_ttl_ms = deadline_ms + settings.queue_timeout_ms + _LEASE_SLACK_MS
     admission = await state.gate.admit(tenant, cache_key=plan.lookup_key, lease_ttl_ms=lease_ttl_ms)
     if admission.cached is not None:
-        return _answer(state, tenant, admission, admission.cached, "HIT")
+        return _answer(
+            state,
+            admission,
+            admission.cached,
+            outcome="HIT",
+            language=runtime.language,
+            started=started,
+        )
     try:
         result = await _execute_once(state, plan, effective, runtime, deadline_ms=deadline_ms)
     except GatewayError as exc:
@@ -209,11 +215,26 @@ async def execute(request: Request) -> Response:
         raise
     if isinstance(result, bytes):  # another process ran it and stored the answer meanwhile
         await state.gate.finish(admission, error=False, cpu_time_ms=0, wall_time_ms=0)
-        return _answer(state, tenant, admission, result, plan.mode.label)
+        return _answer(
+            state,
+            admission,
+            result,
+            outcome=plan.mode.label,
+            language=runtime.language,
+            started=started,
+        )
     await state.gate.finish(
         admission, error=False, cpu_time_ms=result.cpu_time_ms, wall_time_ms=result.wall_time_ms
     )
-    return _answer(state, tenant, admission, result.body, plan.mode.label, result.status_code)
+    return _answer(
+        state,
+        admission,
+        result.body,
+        outcome=plan.mode.label,
+        status=result.status_code,
+        language=runtime.language,
+        started=started,
+    )
 
 
 def _visible(principal: Principal, state: AppState, language: str) -> bool:
