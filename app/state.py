@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request
 from redis.asyncio import Redis
+from starlette.requests import HTTPConnection
 
 from app.metrics import Metrics
 from app.settings import Settings
@@ -41,8 +42,8 @@ class AppState:
     extras: dict[str, Any]
 
 
-def get_state(request: Request) -> AppState:
-    state: AppState = request.app.state.gateway
+def get_state(connection: HTTPConnection) -> AppState:
+    state: AppState = connection.app.state.gateway
     return state
 
 

@@ -5,20 +5,22 @@ Every path also answers with a trailing slash (aiopyston calls `execute/`), with
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, WebSocket, WebSocketDisconnect
 from starlette.responses import Response
 
 from app.cache import CacheMode, cache_digest, cache_key, cache_mode
 from app.errors import BadGateway, GatewayError, ServiceUnavailable, message_responses
 from app.http import json_response, read_json_body
-from app.limits import Admission
+from app.limits import Admission, client_address
 from app.piston.client import UpstreamAnswer, upstream_error
+from app.piston.connect import CLOSE_ERROR, RelayOutcome, relay, ws_url
 from app.piston.resolve import Runtime
 from app.piston.schemas import (
     EXECUTE_REQUEST_SCHEMA,
@@ -30,6 +32,7 @@ from app.policy import effective_caps, effective_request, language_allowed
 from app.settings import Settings
 from app.state import AppState, StateDep, get_state
 from app.tenancy.auth import PrincipalDep, authorize, require_scope
+from app.tenancy.keys import key_from_headers
 from app.tenancy.models import Principal, Tenant
 
 __all__ = ["router"]
@@ -301,3 +304,98 @@ async def install_package(request: Request, state: StateDep) -> Response:
 async def uninstall_package(request: Request, state: StateDep) -> Response:
     """Remove a language package from the upstream (scope `admin`)."""
     return await _forward_package_change(request, state)
+
+
+_INIT_TIMEOUT_S = 1.0  # Piston closes a socket that sends no init within a second
+
+
+async def _ws_principal(websocket: WebSocket, state: AppState) -> Principal | None:
+    """The key from the headers, or (browsers cannot set headers here) `?api_key=`."""
+    address = client_address(
+        websocket.client.host if websocket.client else None,
+        websocket.headers.get("x-forwarded-for"),
+        state.settings.trusted_proxies,
+    )
+    state.auth_failures.check(address)
+    key = key_from_headers(
+        websocket.headers.get("authorization"), websocket.headers.get("x-api-key")
+    ) or websocket.query_params.get("api_key")
+    principal = await state.authenticator.principal_for(key) if key else None
+    if principal is None:
+        await state.auth_failures.failed(address)
+    return principal
+
+
+async def connect(websocket: WebSocket) -> None:
+    """Piston's interactive execution, relayed after the key and the init are checked."""
+    state = get_state(websocket)
+    settings = state.settings
+    await websocket.accept()
+    try:
+        principal = await _ws_principal(websocket, state)
+    except GatewayError:  # too many failed attempts from this address
+        principal = None
+    if principal is None or not principal.can("execute"):
+        # Nothing has reached the upstream; 1008 is the WebSocket "policy violation" close.
+        await websocket.close(
+            code=1008, reason="a valid API key with the execute scope is required"
+        )
+        return
+    tenant = principal.tenant
+    try:
+        async with asyncio.timeout(_INIT_TIMEOUT_S):
+            first = orjson.loads(await websocket.receive_text())
+    except TimeoutError:
+        await websocket.close(code=4001, reason="Initialization Timeout")
+        return
+    except (orjson.JSONDecodeError, WebSocketDisconnect, KeyError):
+        await websocket.close(code=4002, reason="Notified Error")
+        return
+    if not isinstance(first, dict) or first.get("type") != "init":
+        await websocket.close(code=4003, reason="Not yet initialized")
+        return
+    try:
+        parsed = parse_execute(first, max_files=settings.max_files)
+        runtime = state.catalog.resolve(parsed.language, parsed.version)
+        effective = effective_request(
+            tenant,
+            parsed,
+            runtime,
+            global_languages=settings.allowed_languages,
+            caps=effective_caps(tenant, settings),
+        )
+        deadline_ms = _stage_deadline_ms(effective.limits) + settings.upstream_grace_ms
+        admission = await state.gate.admit(
+            tenant,
+            cache_key=None,
+            lease_ttl_ms=deadline_ms + settings.queue_timeout_ms + _LEASE_SLACK_MS,
+        )
+    except GatewayError as exc:
+        await websocket.send_text(orjson.dumps({"type": "error", "message": exc.message}).decode())
+        await websocket.close(code=CLOSE_ERROR, reason="Notified Error")
+        return
+    outcome = RelayOutcome(error=True)
+    try:
+        async with state.slots.acquire():
+            upstream = state.pool.candidates(runtime)[0]
+            outcome = await relay(
+                websocket,
+                ws_url(upstream.url),
+                {"type": "init", **effective.as_json()},
+                open_timeout=settings.upstream_connect_timeout_ms / 1000,
+            )
+    except GatewayError as exc:  # the gateway is at capacity
+        await websocket.send_text(orjson.dumps({"type": "error", "message": exc.message}).decode())
+        await websocket.close(code=CLOSE_ERROR, reason="Notified Error")
+    finally:
+        await state.gate.finish(
+            admission,
+            error=outcome.error,
+            cpu_time_ms=outcome.cpu_time_ms,
+            wall_time_ms=outcome.wall_time_ms,
+        )
+        state.metrics.tenant_executions.labels(tenant=tenant.id).inc()
+
+
+router.add_api_websocket_route("/connect", connect)
+router.add_api_websocket_route("/connect/", connect)
