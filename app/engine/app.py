@@ -1,4 +1,4 @@
-"""The engine's HTTP face: Piston's v2 API, answered the way Piston answers it."""
+"""The engine's face: Piston's v2 API and its WebSocket, answered the way Piston answers."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from app.engine.config import EngineSettings
+from app.engine.connect import connect
 from app.engine.jobs import Engine
 from app.errors import (
     BadRequest,
@@ -125,4 +126,5 @@ def create_app(settings: EngineSettings | None = None, engine: Engine | None = N
     _route(app, "/api/v2/packages", change_packages, ["POST", "DELETE"], (415, 501))
     _route(app, "/api/v2/execute", execute, ["POST"], (400, 415))
     _route(app, "/metrics", metrics, ["GET"])
+    app.add_api_websocket_route("/api/v2/connect", connect)
     return app

@@ -8,15 +8,17 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from app.engine.config import EngineSettings
 from app.engine.runtimes import SPECS, HostRuntime, find_tool, host_runtime, locate
 from app.engine.sandbox import (
+    LiveIO,
     SandboxUnavailable,
     StageLimits,
     StageResult,
@@ -33,7 +35,7 @@ from app.piston.schemas import (
     require_utf8_file,
 )
 
-__all__ = ["JOB_STATUSES", "Engine", "EngineMetrics"]
+__all__ = ["JOB_STATUSES", "Box", "Engine", "EngineMetrics", "Job", "StageEvents"]
 
 JOB_STATUSES: Final = ("ok", "RE", "SG", "TO", "OL", "EL", "XX")
 _PROBE_LIMITS: Final = StageLimits(
@@ -88,6 +90,32 @@ class EngineMetrics:
             "Processes of a finished job's uid found and killed by the janitor (should stay 0)",
             registry=self.registry,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A checked request: its host runtime and its files, decoded."""
+
+    request: ExecuteRequest
+    host: HostRuntime
+    files: list[tuple[str, bytes]]
+    code_files: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Box:
+    """A primed job: the slot's uid and the job folder."""
+
+    uid: int
+    job_dir: Path
+
+
+class StageEvents(Protocol):
+    """What an interactive job is told as its stages start and end."""
+
+    async def stage(self, name: str) -> None: ...
+
+    async def exit(self, name: str, result: StageResult) -> None: ...
 
 
 def _write_files(job_dir: Path, files: Sequence[tuple[str, bytes]], uid: int | None) -> None:
@@ -219,12 +247,11 @@ class Engine:
             output_max_size=settings.output_max_size,
         )
 
-    async def execute(self, request: ExecuteRequest) -> dict[str, Any]:
-        """Run one job as Piston would and return Piston's answer."""
+    def job_for(self, request: ExecuteRequest) -> Job:
+        """Check a request against the catalog and the caps (BadRequest: Piston's 400 message)."""
         require_utf8_file(request)
         host = self.resolve(request.language, request.version)
         enforce_caps(request, self.settings.caps)
-
         files = [
             (file.name or f"file{index}.code", decode_content(file))
             for index, file in enumerate(request.files)
@@ -234,55 +261,108 @@ class Engine:
             for (name, _), file in zip(files, request.files, strict=True)
             if file.encoding == "utf8"
         ]
-        stdin = request.stdin if request.stdin.endswith("\n") else request.stdin + "\n"
+        return Job(request=request, host=host, files=files, code_files=code_files)
 
+    @contextlib.asynccontextmanager
+    async def primed(self, job: Job) -> AsyncIterator[Box]:
+        """A job slot and a job folder holding the job's files; both gone on exit.
+
+        On exit, even when cancelled, the janitor kills whatever of the slot's uid still runs and
+        the folder is removed before the slot is handed out again.
+        """
         self.metrics.waiting.inc()
         try:
             uid = await self.pool.acquire()
         finally:
             self.metrics.waiting.dec()
         self.metrics.in_flight.inc()
-        job_dir = self.pool.jobs_dir / uuid.uuid4().hex
+        box = Box(uid=uid, job_dir=self.pool.jobs_dir / uuid.uuid4().hex)
         owner = uid if self.pool.privileged else None
         try:
-            await asyncio.to_thread(_write_files, job_dir, files, owner)
+            writing = asyncio.ensure_future(
+                asyncio.to_thread(_write_files, box.job_dir, job.files, owner)
+            )
+            try:
+                await asyncio.shield(writing)
+            except asyncio.CancelledError:
+                # The thread writes on regardless: let it finish before the folder is removed.
+                await asyncio.gather(writing, return_exceptions=True)
+                raise
             self.metrics.executions.inc()
-            stage_args: dict[str, Any] = {
-                "settings": self.settings,
-                "uid": uid,
-                "job_dir": job_dir,
-                "env": self._env(host.runtime.language),
-                "stdin": stdin.encode("utf-8"),
-            }
-            compile_result: StageResult | None = None
-            run_result: StageResult | None = None
-            if host.compiled:
-                compile_result = await run_stage(
-                    command=host.compile_argv(code_files),
-                    limits=self._limits(request, "compile"),
-                    **stage_args,
-                )
-            if compile_result is None or compile_result.code == 0:
-                run_result = await run_stage(
-                    command=host.run_argv(code_files[0], request.args),
-                    limits=self._limits(request, "run"),
-                    **stage_args,
-                )
+            yield box
         finally:
-            await asyncio.to_thread(self._clean_up, job_dir, uid)
-            self.metrics.in_flight.dec()
-            self.pool.release(uid)
+            # Shielded: a second cancellation must not leave the slot taken or the folder behind.
+            await asyncio.shield(asyncio.ensure_future(self._release(box)))
 
+    async def _release(self, box: Box) -> None:
+        try:
+            await asyncio.to_thread(self._clean_up, box.job_dir, box.uid)
+        finally:
+            self.metrics.in_flight.dec()
+            self.pool.release(box.uid)
+
+    async def run_stages(
+        self,
+        job: Job,
+        box: Box,
+        *,
+        stdin: bytes,
+        live: LiveIO | None = None,
+        events: StageEvents | None = None,
+    ) -> tuple[StageResult | None, StageResult]:
+        """Compile if the runtime needs it, then run unless the compile failed (Piston's order).
+
+        Returns (compile, last stage run); counts the job by the last stage's status.
+        """
+        host = job.host
+        stage_args: dict[str, Any] = {
+            "settings": self.settings,
+            "uid": box.uid,
+            "job_dir": box.job_dir,
+            "env": self._env(host.runtime.language),
+            "stdin": stdin,
+            "live": live,
+        }
+        compile_result: StageResult | None = None
+        run_result: StageResult | None = None
+        if host.compiled:
+            if events is not None:
+                await events.stage("compile")
+            compile_result = await run_stage(
+                command=host.compile_argv(job.code_files),
+                limits=self._limits(job.request, "compile"),
+                **stage_args,
+            )
+            if events is not None:
+                await events.exit("compile", compile_result)
+        if compile_result is None or compile_result.code == 0:
+            if events is not None:
+                await events.stage("run")
+            run_result = await run_stage(
+                command=host.run_argv(job.code_files[0], job.request.args),
+                limits=self._limits(job.request, "run"),
+                **stage_args,
+            )
+            if events is not None:
+                await events.exit("run", run_result)
         last = run_result or compile_result
         assert last is not None
         self.metrics.jobs.labels(status=last.status or "ok").inc()
+        return compile_result, last
+
+    async def execute(self, request: ExecuteRequest) -> dict[str, Any]:
+        """Run one job as Piston would and return Piston's answer."""
+        job = self.job_for(request)
+        stdin = request.stdin if request.stdin.endswith("\n") else request.stdin + "\n"
+        async with self.primed(job) as box:
+            compile_result, last = await self.run_stages(job, box, stdin=stdin.encode("utf-8"))
         answer: dict[str, Any] = {}
         if compile_result is not None:
             answer["compile"] = compile_result.as_json()
         # Piston answers a failed compile with `run` mirroring `compile`, for older clients.
         answer["run"] = last.as_json()
-        answer["language"] = host.runtime.language
-        answer["version"] = host.runtime.version
+        answer["language"] = job.host.runtime.language
+        answer["version"] = job.host.runtime.version
         return answer
 
     def _clean_up(self, job_dir: Path, uid: int) -> None:

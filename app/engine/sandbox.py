@@ -9,8 +9,9 @@ Shape of one stage:
 The supervisor exists because bwrap reports a program killed by signal N as exit code 128+N, which
 cannot be told apart from `exit(128+N)`; it waits for the program with wait4(), so it knows the real
 exit status, the CPU time and the peak memory, and writes them to a pipe only the engine reads.
-It also kills the whole sandbox on the engine's word (a byte or EOF on a control pipe), which is how
-wall-clock and output limits end a job while still reporting its resource use.
+It also kills the whole sandbox on the engine's word ("k" or EOF on a control pipe), which is how
+wall-clock and output limits end a job while still reporting its resource use; any other byte on
+that pipe is a signal number it sends to the program (an interactive job's `signal` message).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -32,6 +33,7 @@ from app.engine.config import UID_BLOCK_SIZE, EngineSettings
 
 __all__ = [
     "SUPERVISOR",
+    "LiveIO",
     "SandboxUnavailable",
     "StageLimits",
     "StageResult",
@@ -72,8 +74,17 @@ if pid == 0:
         os.write(2, ("cannot start %s: %s\n" % (cmd[0], exc)).encode())
     os._exit(127)
 pidfd = os.pidfd_open(pid)
-if pidfd not in select.select([pidfd, control_fd], [], [])[0]:
-    os.kill(-1, signal.SIGKILL)
+while pidfd not in select.select([pidfd, control_fd], [], [])[0]:
+    # The engine's word: "k" or EOF stops the sandbox; any other byte is a signal for the program.
+    word = os.read(control_fd, 64)
+    if not word or b"k" in word:
+        os.kill(-1, signal.SIGKILL)
+        break
+    for number in word:
+        try:
+            os.kill(pid, number)
+        except OSError:
+            pass
 _, status, usage = os.wait4(pid, 0)
 try:
     os.kill(-1, signal.SIGKILL)  # whatever the program left running ends with it
@@ -117,6 +128,19 @@ class StageLimits:
     def cpu_seconds(self) -> int:
         # RLIMIT_CPU counts whole seconds; the verdict compares the measured milliseconds.
         return max(1, math.ceil(self.cpu_time_ms / 1000))
+
+
+@dataclass(slots=True)
+class LiveIO:
+    """An interactive stage's channel: stdin and signals in as they come, output out as it comes.
+
+    `output(stream, chunk)` gets each chunk of "stdout" or "stderr" (within the output caps); the
+    stage's result then carries empty stdout, stderr and output, as Piston's does.
+    """
+
+    output: Callable[[str, bytes], Awaitable[None]]
+    stdin: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)
+    signals: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,8 +413,14 @@ async def run_stage(
     command: Sequence[str],
     stdin: bytes,
     limits: StageLimits,
+    live: LiveIO | None = None,
 ) -> StageResult:
-    """Run `command` in a fresh sandbox on `job_dir` and judge it as Piston would."""
+    """Run `command` in a fresh sandbox on `job_dir` and judge it as Piston would.
+
+    Without `live`, `stdin` is the program's whole input. With it, `stdin` is written first, then
+    whatever arrives on `live.stdin` (stdin stays open), signals on `live.signals` reach the
+    program, and output goes to `live.output` as it arrives instead of into the result.
+    """
     loop = asyncio.get_running_loop()
     status_r, status_w = os.pipe()
     control_r, control_w = os.pipe()
@@ -408,8 +438,8 @@ async def run_stage(
         # Drop the real uid before bwrap, so RLIMIT_NPROC counts this job's processes only.
         identity = {"user": uid, "group": uid, "extra_groups": []}
     started = time.monotonic()
-    try:
-        proc = await asyncio.create_subprocess_exec(
+    spawning = asyncio.ensure_future(
+        asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
@@ -418,6 +448,19 @@ async def run_stage(
             start_new_session=True,
             **identity,
         )
+    )
+    # A stage cancelled while bwrap starts (an interactive client went away) must still end its
+    # sandbox the proper way: asyncio's own clean-up would kill bwrap alone, orphaning the rest.
+    cancelled = False
+    try:
+        while True:
+            try:
+                proc = await asyncio.shield(spawning)
+                break
+            except asyncio.CancelledError:
+                if spawning.cancelled():
+                    raise
+                cancelled = True
     except OSError as exc:
         _close_quietly(status_r, status_w, control_r, control_w)
         return StageResult(
@@ -433,6 +476,10 @@ async def run_stage(
             memory=None,
         )
     _close_quietly(status_w, control_r)
+    if cancelled:
+        _close_quietly(control_w, status_r)
+        await _end_sandbox(proc)
+        raise asyncio.CancelledError
 
     killed: str | None = None
     hard_kill: asyncio.TimerHandle | None = None
@@ -449,22 +496,38 @@ async def run_stage(
     stdout, stderr = bytearray(), bytearray()
     output: list[bytes] = []
 
-    async def pump(stream: asyncio.StreamReader, buffer: bytearray, reason: str) -> None:
+    async def pump(stream: asyncio.StreamReader, buffer: bytearray, name: str, reason: str) -> None:
+        size = 0
         while chunk := await stream.read(_READ_CHUNK):
             if killed is not None:
                 continue  # draining a stopped job: nothing more is kept
-            if len(buffer) + len(chunk) > limits.output_max_size:
+            if size + len(chunk) > limits.output_max_size:
                 stop(reason)
                 continue
-            buffer += chunk
-            output.append(chunk)
+            size += len(chunk)
+            if live is not None:
+                await live.output(name, chunk)
+            else:
+                buffer += chunk
+                output.append(chunk)
 
     async def feed() -> None:
         assert proc.stdin is not None
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            proc.stdin.write(stdin)
-            await proc.stdin.drain()
+            if stdin:
+                proc.stdin.write(stdin)
+                await proc.stdin.drain()
+            while live is not None:
+                proc.stdin.write(await live.stdin.get())
+                await proc.stdin.drain()
         proc.stdin.close()
+
+    async def relay_signals() -> None:
+        while live is not None:
+            number = await live.signals.get()
+            if killed is None:
+                with contextlib.suppress(OSError):
+                    os.write(control_w, bytes([number]))
 
     ended_at = started
 
@@ -476,24 +539,29 @@ async def run_stage(
     assert proc.stdout is not None
     assert proc.stderr is not None
     tasks = [
-        asyncio.ensure_future(pump(proc.stdout, stdout, "OL")),
-        asyncio.ensure_future(pump(proc.stderr, stderr, "EL")),
+        asyncio.ensure_future(pump(proc.stdout, stdout, "stdout", "OL")),
+        asyncio.ensure_future(pump(proc.stderr, stderr, "stderr", "EL")),
         asyncio.ensure_future(wait_exit()),
     ]
-    feeder = asyncio.ensure_future(feed())
+    helpers = [asyncio.ensure_future(feed()), asyncio.ensure_future(relay_signals())]
     try:
         _, pending = await asyncio.wait(tasks, timeout=limits.timeout_ms / 1000)
         if pending:
             stop("TO")
         await asyncio.gather(*tasks)
-        await asyncio.gather(feeder, return_exceptions=True)
+        if live is not None:
+            # An interactive stdin and signal relay stay open until the program ends.
+            for helper in helpers:
+                helper.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)
     finally:
+        # Also when cancelled (an interactive client went away): the sandbox dies with the stage.
+        for task in (*tasks, *helpers):
+            task.cancel()
         if hard_kill is not None:
             hard_kill.cancel()
-        if proc.returncode is None:
-            _kill_quietly(proc)
-            await proc.wait()
         _close_quietly(control_w)
+        await _end_sandbox(proc)
 
     os.set_blocking(status_r, False)
     try:
@@ -516,6 +584,25 @@ async def run_stage(
         wall_time=round((ended_at - started) * 1000),
         memory=report.memory_bytes if report else None,
     )
+
+
+async def _end_sandbox(proc: asyncio.subprocess.Process) -> None:
+    """End a stage whose control pipe is closed, and wait for it.
+
+    EOF on the control pipe makes the supervisor kill the sandbox, after which bwrap exits. Killing
+    bwrap first would orphan the namespace's processes (they hold the output pipes, and with them
+    proc.wait(), open) or leave a half-built sandbox waiting for its parent; bwrap is killed only
+    if the sandbox is not gone within the grace.
+    """
+    if proc.returncode is not None:
+        return
+    hard_kill = asyncio.get_running_loop().call_later(_KILL_GRACE_SECONDS, _kill_quietly, proc)
+    try:
+        await proc.wait()
+    finally:
+        hard_kill.cancel()
+        if proc.returncode is None:
+            _kill_quietly(proc)
 
 
 def _kill_quietly(proc: asyncio.subprocess.Process) -> None:
