@@ -193,3 +193,15 @@ async def test_client_disconnect_kills_the_job(engine: Service) -> None:
         assert live_processes(uids)
     # The client is gone well before the 3 s run timeout: nothing of the job may stay.
     await asyncio.to_thread(assert_clean, engine)
+
+
+async def test_output_cap_applies_to_streamed_output(engine: Service) -> None:
+    async with connect(ws_url(engine)) as ws:
+        await send(ws, init("python", "import sys\nsys.stdout.write('x' * 1_000_000)\n"))
+        messages = await until_closed(ws)
+    streamed = "".join(m["data"] for m in messages if m.get("stream") == "stdout")
+    assert len(streamed) <= 65_536
+    exit_ = messages[-1]
+    assert (exit_["type"], exit_["status"], exit_["signal"]) == ("exit", "OL", "SIGKILL")
+    assert exit_["stdout"] == ""  # streamed, as Piston's interactive result
+    assert close_code(ws) == (4999, "Job Completed")
