@@ -101,3 +101,55 @@ class TestRefusedBeforeTheUpstream:
         service, key = gateway
         _, code = await _conversation(_ws(service, f"?api_key={key}"), [])
         assert code == 4001
+
+
+class TestRelayedToTheEngine:
+    async def test_an_interactive_run(self, gateway: tuple[Service, str]) -> None:
+        service, key = gateway
+        init = {**INIT, "language": "py", "files": [{"content": "print(input().upper())"}]}
+        received: list[dict[str, Any]] = []
+        async with connect(_ws(service, f"?api_key={key}"), proxy=None) as socket:
+            await socket.send(json.dumps(init))
+            async with asyncio.timeout(20):
+                received.append(json.loads(await socket.recv()))  # runtime
+                received.append(json.loads(await socket.recv()))  # stage run
+                await socket.send(json.dumps({"type": "data", "stream": "stdin", "data": "hi\n"}))
+                try:
+                    async for text in socket:
+                        received.append(json.loads(text))
+                except ConnectionClosed:
+                    pass
+            close = socket.protocol.close_rcvd
+        assert received[0] == {
+            "type": "runtime",
+            "language": "python",
+            "version": received[0]["version"],
+        }
+        assert received[1] == {"type": "stage", "stage": "run"}
+        stdout = "".join(
+            m["data"] for m in received if m["type"] == "data" and m["stream"] == "stdout"
+        )
+        assert stdout == "HI\n"
+        exits = [m for m in received if m["type"] == "exit"]
+        assert exits[0]["stage"] == "run"
+        assert exits[0]["code"] == 0
+        assert close is not None
+        assert close.code == 4999  # Piston's "Job Completed", passed through
+
+    async def test_a_signal_reaches_the_job(self, gateway: tuple[Service, str]) -> None:
+        service, key = gateway
+        init = {**INIT, "files": [{"content": "while True: pass"}]}
+        received: list[dict[str, Any]] = []
+        async with connect(_ws(service, f"?api_key={key}"), proxy=None) as socket:
+            await socket.send(json.dumps(init))
+            async with asyncio.timeout(20):
+                while not received or received[-1].get("type") != "stage":
+                    received.append(json.loads(await socket.recv()))
+                await socket.send(json.dumps({"type": "signal", "signal": "SIGKILL"}))
+                try:
+                    async for text in socket:
+                        received.append(json.loads(text))
+                except ConnectionClosed:
+                    pass
+        exits = [m for m in received if m["type"] == "exit"]
+        assert exits[0]["signal"] == "SIGKILL"
