@@ -20,7 +20,7 @@ from app.errors import BadGateway, GatewayError, ServiceUnavailable, message_res
 from app.http import json_response, read_json_body
 from app.limits import Admission, client_address
 from app.piston.client import UpstreamAnswer, upstream_error
-from app.piston.connect import CLOSE_ERROR, RelayOutcome, relay, ws_url
+from app.piston.connect import RelayOutcome, notify_error, relay, ws_url
 from app.piston.resolve import Runtime
 from app.piston.schemas import (
     EXECUTE_REQUEST_SCHEMA,
@@ -108,6 +108,7 @@ async def _execute_once(
     runtime: Runtime,
     *,
     deadline_ms: int,
+    lock_ttl_ms: int,
 ) -> UpstreamAnswer | bytes:
     """Run upstream; identical requests in flight share one run (and its stored answer)."""
     settings = state.settings
@@ -128,13 +129,33 @@ async def _execute_once(
     return await state.flights.run(
         plan.digest,
         deadline_s=deadline_s + settings.queue_timeout_ms / 1000,
-        # The leader may first queue for an upstream slot: the lock must outlast that.
-        lock_ttl_ms=deadline_ms + settings.queue_timeout_ms + _LEASE_SLACK_MS,
+        lock_ttl_ms=lock_ttl_ms,  # like the lease: a wait for a slot, then the run
         execute=run,
         # no-cache asks for a fresh run: don't let the flight fall back on the entry.
         read_cached=(lambda: state.gate.read(key)) if plan.mode.lookup else None,
         on_result=store,
     )
+
+
+def _effective(state: AppState, tenant: Tenant, body: object) -> tuple[Runtime, ExecuteRequest]:
+    """parse -> resolve -> policy: the request as it will run (400/403/503 on the way)."""
+    settings = state.settings
+    parsed = parse_execute(body, max_files=settings.max_files)
+    runtime = state.catalog.resolve(parsed.language, parsed.version)
+    effective = effective_request(
+        tenant,
+        parsed,
+        runtime,
+        global_languages=settings.allowed_languages,
+        caps=effective_caps(tenant, settings),
+    )
+    return runtime, effective
+
+
+def _timing(settings: Settings, effective: ExecuteRequest) -> tuple[int, int]:
+    """The upstream deadline, and the lease that must outlive a wait for a slot plus the run."""
+    deadline_ms = _stage_deadline_ms(effective.limits) + settings.upstream_grace_ms
+    return deadline_ms, deadline_ms + settings.queue_timeout_ms + _LEASE_SLACK_MS
 
 
 def _answer(
@@ -181,19 +202,9 @@ async def execute(request: Request) -> Response:
     state = get_state(request)
     settings, tenant = state.settings, principal.tenant
     body = await read_json_body(request, settings.max_body_bytes)
-    parsed = parse_execute(body, max_files=settings.max_files)
-    runtime = state.catalog.resolve(parsed.language, parsed.version)
-    effective = effective_request(
-        tenant,
-        parsed,
-        runtime,
-        global_languages=settings.allowed_languages,
-        caps=effective_caps(tenant, settings),
-    )
+    runtime, effective = _effective(state, tenant, body)
     plan = _cache_plan(request, settings, tenant, effective)
-    deadline_ms = _stage_deadline_ms(effective.limits) + settings.upstream_grace_ms
-    # The lease must outlive the longest the request may take: a wait for a slot, then the run.
-    lease_ttl_ms = deadline_ms + settings.queue_timeout_ms + _LEASE_SLACK_MS
+    deadline_ms, lease_ttl_ms = _timing(settings, effective)
     admission = await state.gate.admit(tenant, cache_key=plan.lookup_key, lease_ttl_ms=lease_ttl_ms)
     if admission.cached is not None:
         return _answer(
@@ -205,7 +216,9 @@ async def execute(request: Request) -> Response:
             started=started,
         )
     try:
-        result = await _execute_once(state, plan, effective, runtime, deadline_ms=deadline_ms)
+        result = await _execute_once(
+            state, plan, effective, runtime, deadline_ms=deadline_ms, lock_ttl_ms=lease_ttl_ms
+        )
     except GatewayError as exc:
         await state.gate.finish(admission, error=True, cpu_time_ms=0, wall_time_ms=0)
         # A fresh error per caller: callers joined in one flight share the exception object,
@@ -355,24 +368,11 @@ async def connect(websocket: WebSocket) -> None:
         await websocket.close(code=4003, reason="Not yet initialized")
         return
     try:
-        parsed = parse_execute(first, max_files=settings.max_files)
-        runtime = state.catalog.resolve(parsed.language, parsed.version)
-        effective = effective_request(
-            tenant,
-            parsed,
-            runtime,
-            global_languages=settings.allowed_languages,
-            caps=effective_caps(tenant, settings),
-        )
-        deadline_ms = _stage_deadline_ms(effective.limits) + settings.upstream_grace_ms
-        admission = await state.gate.admit(
-            tenant,
-            cache_key=None,
-            lease_ttl_ms=deadline_ms + settings.queue_timeout_ms + _LEASE_SLACK_MS,
-        )
+        runtime, effective = _effective(state, tenant, first)
+        _, lease_ttl_ms = _timing(settings, effective)
+        admission = await state.gate.admit(tenant, cache_key=None, lease_ttl_ms=lease_ttl_ms)
     except GatewayError as exc:
-        await websocket.send_text(orjson.dumps({"type": "error", "message": exc.message}).decode())
-        await websocket.close(code=CLOSE_ERROR, reason="Notified Error")
+        await notify_error(websocket, exc.message)
         return
     outcome = RelayOutcome(error=True)
     try:
@@ -385,8 +385,7 @@ async def connect(websocket: WebSocket) -> None:
                 open_timeout=settings.upstream_connect_timeout_ms / 1000,
             )
     except GatewayError as exc:  # the gateway is at capacity
-        await websocket.send_text(orjson.dumps({"type": "error", "message": exc.message}).decode())
-        await websocket.close(code=CLOSE_ERROR, reason="Notified Error")
+        await notify_error(websocket, exc.message)
     finally:
         await state.gate.finish(
             admission,

@@ -18,7 +18,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
-__all__ = ["CLOSE_ERROR", "RelayOutcome", "relay", "ws_url"]
+__all__ = ["CLOSE_ERROR", "RelayOutcome", "notify_error", "relay", "ws_url"]
 
 log = structlog.get_logger(__name__)
 
@@ -72,7 +72,7 @@ async def relay(
     except (OSError, TimeoutError, WebSocketException) as exc:
         log.warning("upstream_ws_unreachable", upstream=upstream_url, error=type(exc).__name__)
         outcome.error = True
-        await _fail(client, "no upstream Piston is reachable; try again shortly")
+        await notify_error(client, "no upstream Piston is reachable; try again shortly")
         return outcome
     async with upstream:
         await upstream.send(orjson.dumps(init).decode())
@@ -120,7 +120,8 @@ async def _upstream_to_client(
     return close.code, close.reason
 
 
-async def _fail(client: WebSocket, message: str) -> None:
+async def notify_error(client: WebSocket, message: str) -> None:
+    """Piston's way to refuse: an error message, then close 4002 "Notified Error"."""
     with contextlib.suppress(RuntimeError, WebSocketDisconnect):
         await client.send_text(orjson.dumps({"type": "error", "message": message}).decode())
         await client.close(code=CLOSE_ERROR, reason="Notified Error")
