@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -88,11 +89,23 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _die_with_parent() -> None:
+    """In the engine child: SIGTERM it when `dev` goes. uvicorn re-raises the signal that stopped
+    it once it has shut down, so `dev` dies by that signal and its `finally` never runs."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def _engine_process(port: int) -> Iterator[str]:
     import httpx
 
-    proc = subprocess.Popen([sys.executable, "-m", "app", "engine", "--port", str(port)])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app", "engine", "--port", str(port)],
+        preexec_fn=_die_with_parent,  # safe: dev has started no threads yet
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30

@@ -62,12 +62,12 @@ class Metrics:
             outcome.upper(): self.cache.labels(outcome=outcome)
             for outcome in ("hit", "miss", "bypass")
         }
-        self._requests: dict[tuple[str, int], Counter] = {}
+        self._request_counters: dict[tuple[str, int], Counter] = {}
 
     def count_request(self, route: str, status: int) -> None:
-        child = self._requests.get((route, status))
+        child = self._request_counters.get((route, status))
         if child is None:
-            child = self._requests[(route, status)] = self.requests.labels(
+            child = self._request_counters[(route, status)] = self.requests.labels(
                 route=route, status=str(status)
             )
         child.inc()

@@ -44,6 +44,16 @@ def test_dev_prints_a_key_that_runs_code(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+    # The engine `dev` started goes with it (nothing may outlive `make run`).
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{engine_port}/api/v2/runtimes", timeout=1)
+        except httpx.HTTPError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the engine outlived piston-gateway dev")
     log.seek(0)
     json_lines = [line for line in log.read().splitlines() if line.startswith("{")]
     assert json_lines  # the gateway logged its requests...
