@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import orjson
 
-from tests.support import RedisServer, Service, cli, free_port, start_engine
+from tests.support import RedisServer, Service, cli, free_port, mint_key, start_engine
 
 RESULTS = Path(__file__).with_name("results.json")
 ADMIN_KEY = "pgw_bench_admin_" + secrets.token_hex(16)
@@ -132,12 +132,8 @@ def gateway(upstream: str, redis_url: str) -> Service:
 
 
 def mint(gw: Service, tenant: str, **fields: Any) -> str:
-    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    body = {"id": tenant, "rate_limit": "100000000/hour", **fields}
-    httpx.post(f"{gw.url}/admin/tenants", json=body, headers=admin, timeout=10).raise_for_status()
-    minted = httpx.post(f"{gw.url}/admin/tenants/{tenant}/keys", json={}, headers=admin, timeout=10)
-    minted.raise_for_status()
-    return str(minted.json()["key"])
+    """A tenant whose rate limit is far above any load here, and its key."""
+    return mint_key(gw, ADMIN_KEY, tenant, **{"rate_limit": "100000000/hour", **fields})
 
 
 def rss_mb(pid: int) -> float:

@@ -169,3 +169,16 @@ def engine_jobs(engine: Service) -> float:
         for line in text.splitlines()
         if line.startswith("pgw_engine_jobs_total{")
     )
+
+
+def mint_key(gateway: Service, admin_key: str, tenant_id: str, **fields: object) -> str:
+    """Create a tenant through the admin API and mint it an execute key; returns the key."""
+    admin = {"Authorization": f"Bearer {admin_key}"}
+    httpx.post(
+        f"{gateway.url}/admin/tenants", headers=admin, json={"id": tenant_id, **fields}, timeout=10
+    ).raise_for_status()
+    minted = httpx.post(
+        f"{gateway.url}/admin/tenants/{tenant_id}/keys", headers=admin, json={}, timeout=10
+    )
+    minted.raise_for_status()
+    return str(minted.json()["key"])

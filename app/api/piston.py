@@ -18,7 +18,7 @@ from starlette.responses import Response
 from app.cache import CacheMode, cache_digest, cache_key, cache_mode
 from app.errors import BadGateway, GatewayError, ServiceUnavailable, message_responses
 from app.http import json_response, read_json_body
-from app.limits import Admission, client_address
+from app.limits import Admission
 from app.piston.client import UpstreamAnswer, upstream_error
 from app.piston.connect import RelayOutcome, notify_error, relay, ws_url
 from app.piston.resolve import Runtime
@@ -31,7 +31,7 @@ from app.piston.schemas import (
 from app.policy import effective_caps, effective_request, language_allowed
 from app.settings import Settings
 from app.state import AppState, StateDep, get_state
-from app.tenancy.auth import PrincipalDep, authorize, require_scope
+from app.tenancy.auth import PrincipalDep, authorize, identify, require_scope
 from app.tenancy.keys import key_from_headers
 from app.tenancy.models import Principal, Tenant
 
@@ -322,30 +322,17 @@ async def uninstall_package(request: Request, state: StateDep) -> Response:
 _INIT_TIMEOUT_S = 1.0  # Piston closes a socket that sends no init within a second
 
 
-async def _ws_principal(websocket: WebSocket, state: AppState) -> Principal | None:
-    """The key from the headers, or (browsers cannot set headers here) `?api_key=`."""
-    address = client_address(
-        websocket.client.host if websocket.client else None,
-        websocket.headers.get("x-forwarded-for"),
-        state.settings.trusted_proxies,
-    )
-    state.auth_failures.check(address)
-    key = key_from_headers(
-        websocket.headers.get("authorization"), websocket.headers.get("x-api-key")
-    ) or websocket.query_params.get("api_key")
-    principal = await state.authenticator.principal_for(key) if key else None
-    if principal is None:
-        await state.auth_failures.failed(address)
-    return principal
-
-
 async def connect(websocket: WebSocket) -> None:
     """Piston's interactive execution, relayed after the key and the init are checked."""
     state = get_state(websocket)
     settings = state.settings
     await websocket.accept()
     try:
-        principal = await _ws_principal(websocket, state)
+        # Browsers cannot set headers on a WebSocket: `?api_key=` is accepted on this path only.
+        key = key_from_headers(
+            websocket.headers.get("authorization"), websocket.headers.get("x-api-key")
+        ) or websocket.query_params.get("api_key")
+        principal = await identify(websocket, key)
     except GatewayError:  # too many failed attempts from this address
         principal = None
     if principal is None or not principal.can("execute"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ from app.metrics import Metrics
 from app.piston.resolve import Runtime
 from app.piston.transport import LeanTransport
 
-__all__ = ["PistonPool", "Upstream", "UpstreamAnswer", "upstream_error"]
+__all__ = ["PistonPool", "Upstream", "UpstreamAnswer", "stage_times", "upstream_error"]
 
 log = structlog.get_logger(__name__)
 
@@ -66,6 +66,16 @@ class Upstream:
         }
 
 
+def stage_times(stage: Mapping[str, Any]) -> tuple[float, float]:
+    """A stage's reported `cpu_time` and `wall_time` (ms), 0 where missing or not a number."""
+    cpu, wall = stage.get("cpu_time"), stage.get("wall_time")
+    return _ms(cpu), _ms(wall)
+
+
+def _ms(value: object) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+
 def _stage_figures(data: dict[str, Any]) -> tuple[tuple[str | None, ...], float, float]:
     statuses: list[str | None] = []
     cpu = wall = 0.0
@@ -73,15 +83,12 @@ def _stage_figures(data: dict[str, Any]) -> tuple[tuple[str | None, ...], float,
         stage = data.get(stage_name)
         if not isinstance(stage, dict):
             continue
-        if stage_name == "run" and stage is data.get("compile"):
-            continue
+        if stage_name == "run" and stage == data.get("compile"):
+            continue  # Piston mirrors a failed compile as `run`: one stage, counted once
         statuses.append(stage.get("status"))
-        for figure, key in ((stage.get("cpu_time"), "cpu"), (stage.get("wall_time"), "wall")):
-            if isinstance(figure, int | float) and not isinstance(figure, bool):
-                if key == "cpu":
-                    cpu += figure
-                else:
-                    wall += figure
+        stage_cpu, stage_wall = stage_times(stage)
+        cpu += stage_cpu
+        wall += stage_wall
     return tuple(statuses), cpu, wall
 
 

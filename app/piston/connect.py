@@ -18,6 +18,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
+from app.piston.client import stage_times
+
 __all__ = ["CLOSE_ERROR", "RelayOutcome", "notify_error", "relay", "ws_url"]
 
 log = structlog.get_logger(__name__)
@@ -49,13 +51,9 @@ class RelayOutcome:
                 return
             if message.get("type") == "exit":
                 self.exits.append(message)
-                for figure, attribute in (
-                    ("cpu_time", "cpu_time_ms"),
-                    ("wall_time", "wall_time_ms"),
-                ):
-                    value = message.get(figure)
-                    if isinstance(value, int | float) and not isinstance(value, bool):
-                        setattr(self, attribute, getattr(self, attribute) + value)
+                cpu, wall = stage_times(message)  # an exit carries the stage's result
+                self.cpu_time_ms += cpu
+                self.wall_time_ms += wall
             elif message.get("type") == "error":
                 self.error = True
 

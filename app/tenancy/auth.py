@@ -23,6 +23,7 @@ import structlog
 from fastapi import Depends, Request
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from starlette.requests import HTTPConnection
 
 from app import redis_keys
 from app.errors import Forbidden, Unauthorized
@@ -221,25 +222,37 @@ class Authenticator:
             self._last_heard = time.monotonic()
 
 
-def _client_address(request: Request) -> str:
+def _client_address(connection: HTTPConnection) -> str:
     from app.limits import client_address
 
-    state = get_state(request)
-    host = request.client.host if request.client is not None else "unknown"
+    state = get_state(connection)
+    host = connection.client.host if connection.client is not None else "unknown"
     return str(
-        client_address(host, request.headers.get("x-forwarded-for"), state.settings.trusted_proxies)
+        client_address(
+            host, connection.headers.get("x-forwarded-for"), state.settings.trusted_proxies
+        )
     )
+
+
+async def identify(connection: HTTPConnection, key: str | None) -> Principal | None:
+    """The Principal for `key` as presented on this connection (HTTP or WebSocket), or None.
+
+    Refuses an address that failed too often first (429), and counts a failure against it.
+    """
+    state = get_state(connection)
+    address = _client_address(connection)
+    state.auth_failures.check(address)
+    principal = None if key is None else await state.authenticator.principal_for(key)
+    if principal is None:
+        await state.auth_failures.failed(address)
+    return principal
 
 
 async def authenticate(request: Request) -> Principal:
     """The caller's Principal, or 401 (one answer for missing, unknown, revoked and expired)."""
-    state = get_state(request)
-    address = _client_address(request)
-    state.auth_failures.check(address)
     key = key_from_headers(request.headers.get("authorization"), request.headers.get("x-api-key"))
-    principal = None if key is None else await state.authenticator.principal_for(key)
+    principal = await identify(request, key)
     if principal is None:
-        await state.auth_failures.failed(address)
         raise Unauthorized()
     request.state.principal = principal
     return principal

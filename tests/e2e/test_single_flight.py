@@ -11,24 +11,13 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import E2E_ADMIN_KEY
-from tests.support import Service, engine_jobs
+from tests.support import Service, engine_jobs, mint_key
 
 ADMIN = E2E_ADMIN_KEY
 
 
 def _key(gateway: Service, tenant: str) -> str:
-    headers = {"Authorization": f"Bearer {ADMIN}"}
-    httpx.post(
-        f"{gateway.url}/admin/tenants",
-        headers=headers,
-        timeout=10,
-        json={"id": tenant, "rate_limit": "1000/minute"},
-    ).raise_for_status()
-    minted = httpx.post(
-        f"{gateway.url}/admin/tenants/{tenant}/keys", headers=headers, json={}, timeout=10
-    )
-    minted.raise_for_status()
-    return str(minted.json()["key"])
+    return mint_key(gateway, ADMIN, tenant, rate_limit="1000/minute")
 
 
 def _program(seed: str, sleep: float) -> dict[str, object]:

@@ -7,14 +7,13 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 import redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.e2e.conftest import E2E_ADMIN_KEY
-from tests.support import RedisServer, Service, start_gateway
+from tests.support import RedisServer, Service, mint_key, start_gateway
 
 INIT = {"type": "init", "language": "python", "version": "*"}
 
@@ -25,16 +24,9 @@ def gateway(redis_server: RedisServer, engine: Service) -> Iterator[tuple[Servic
     service = start_gateway(
         redis_url=redis_server.url, piston_url=engine.url, admin_key=E2E_ADMIN_KEY
     )
-    admin = {"Authorization": f"Bearer {E2E_ADMIN_KEY}"}
-    httpx.post(
-        f"{service.url}/admin/tenants",
-        headers=admin,
-        json={"id": "ws", "allowed_languages": ["python", "c"], "rate_limit": "1000/minute"},
-        timeout=10,
-    ).raise_for_status()
-    key = httpx.post(
-        f"{service.url}/admin/tenants/ws/keys", headers=admin, json={}, timeout=10
-    ).json()["key"]
+    key = mint_key(
+        service, E2E_ADMIN_KEY, "ws", allowed_languages=["python", "c"], rate_limit="1000/minute"
+    )
     yield service, key
     service.stop()
 
