@@ -24,6 +24,7 @@ __all__ = [
     "EXECUTE_REQUEST_SCHEMA",
     "EXECUTE_RESPONSE_SCHEMA",
     "LIMIT_FIELDS",
+    "MAX_SAFE_INTEGER",
     "ExecuteRequest",
     "PistonFile",
     "decode_content",
@@ -35,6 +36,9 @@ __all__ = [
 Encoding = Literal["utf8", "base64", "hex"]
 ENCODINGS: tuple[Encoding, ...] = ("utf8", "base64", "hex")
 LIMIT_FIELDS = StageCaps.FIELDS
+# The largest integer a JSON number holds exactly everywhere (JavaScript's MAX_SAFE_INTEGER, so
+# Piston's own limit): past it a limit means nothing, and past 2^63 it breaks the sandbox's calls.
+MAX_SAFE_INTEGER = 2**53 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +97,15 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _no_nul(value: str, where: str) -> str:
+    """A name or argument reaches the sandbox's exec() and paths: a NUL there cannot be run."""
+    if "\x00" in value:
+        raise BadRequest(f"{where} must not contain a NUL character")
+    return value
+
+
 def _safe_name(name: str) -> bool:
-    if not name or name.startswith("/") or "\x00" in name:
+    if not name or name.startswith("/"):
         return False
     normalised = posixpath.normpath(name)
     return normalised not in (".", "..") and not normalised.startswith("../")
@@ -110,13 +121,17 @@ def _parse_file(index: int, raw: object) -> PistonFile:
     if name is not None:
         if not isinstance(name, str):
             raise BadRequest(f"files[{index}].name must be a string")
+        _no_nul(name, f"files[{index}].name")
         if not _safe_name(name):
             raise BadRequest(
                 f"files[{index}].name must be a relative path inside the job folder "
                 "(no leading '/', no '..')"
             )
-    encoding = raw.get("encoding") or "utf8"
-    if encoding not in ENCODINGS:
+    encoding = raw.get("encoding")
+    if encoding is None:  # omitted or null: Piston's default
+        encoding = "utf8"
+    elif not isinstance(encoding, str) or encoding not in ENCODINGS:
+        # Only the three strings: `{}`, `0` or `""` are not "utf8" by being falsy.
         raise BadRequest(f"files[{index}].encoding must be one of utf8, base64, hex")
     file = PistonFile(content=content, name=name, encoding=encoding)
     try:
@@ -133,9 +148,11 @@ def parse_execute(body: object, *, max_files: int | None = None) -> ExecuteReque
     language = body.get("language")
     if not language or not isinstance(language, str):
         raise BadRequest("language is required as a string")
+    _no_nul(language, "language")
     version = body.get("version")
     if not version or not isinstance(version, str):
         raise BadRequest("version is required as a string")
+    _no_nul(version, "version")
     raw_files = body.get("files")
     if not isinstance(raw_files, list):
         raise BadRequest("files is required as an array")
@@ -155,6 +172,8 @@ def parse_execute(body: object, *, max_files: int | None = None) -> ExecuteReque
         args = []
     if not isinstance(args, list) or not all(isinstance(arg, str) for arg in args):
         raise BadRequest("args must be an array of strings")
+    for i, arg in enumerate(args):
+        _no_nul(arg, f"args[{i}]")
 
     limits: dict[str, int | None] = {}
     for name in LIMIT_FIELDS:
@@ -168,6 +187,8 @@ def parse_execute(body: object, *, max_files: int | None = None) -> ExecuteReque
             if not value.is_integer():
                 raise BadRequest(f"If specified, {name} must be a whole number")
             value = int(value)
+        if not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+            raise BadRequest(f"If specified, {name} must be at most {MAX_SAFE_INTEGER} (2^53 - 1)")
         limits[name] = int(value)
 
     return ExecuteRequest(
@@ -215,12 +236,16 @@ class _ExecuteDoc(BaseModel):
     files: list[_FileDoc]
     stdin: str = Field("", examples=["hello"])
     args: list[str] = Field(default_factory=list)
-    compile_timeout: int | None = Field(None, description="ms")
-    run_timeout: int | None = Field(None, description="ms")
-    compile_cpu_time: int | None = Field(None, description="ms")
-    run_cpu_time: int | None = Field(None, description="ms")
-    compile_memory_limit: int | None = Field(None, description="bytes, -1 for no limit")
-    run_memory_limit: int | None = Field(None, description="bytes, -1 for no limit")
+    compile_timeout: int | None = Field(None, ge=0, le=MAX_SAFE_INTEGER, description="ms")
+    run_timeout: int | None = Field(None, ge=0, le=MAX_SAFE_INTEGER, description="ms")
+    compile_cpu_time: int | None = Field(None, ge=0, le=MAX_SAFE_INTEGER, description="ms")
+    run_cpu_time: int | None = Field(None, ge=0, le=MAX_SAFE_INTEGER, description="ms")
+    compile_memory_limit: int | None = Field(
+        None, ge=-1, le=MAX_SAFE_INTEGER, description="bytes, -1 for no limit"
+    )
+    run_memory_limit: int | None = Field(
+        None, ge=-1, le=MAX_SAFE_INTEGER, description="bytes, -1 for no limit"
+    )
 
 
 class _StageDoc(BaseModel):

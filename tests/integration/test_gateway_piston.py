@@ -170,6 +170,53 @@ class TestBadInput:
         assert response.json()["message"].startswith(message)
         assert set(response.json()) == {"message"}
 
+    @pytest.mark.parametrize(
+        ("change", "message"),
+        [
+            ({"language": "python\x00"}, "language must not contain a NUL character"),
+            ({"version": "*\x00"}, "version must not contain a NUL character"),
+            (
+                {"files": [{"name": "m\x00.py", "content": "x"}]},
+                "files[0].name must not contain a NUL character",
+            ),
+            ({"args": ["a", "\x00"]}, "args[1] must not contain a NUL character"),
+            (
+                {"run_memory_limit": 2**63},
+                "If specified, run_memory_limit must be at most 9007199254740991 (2^53 - 1)",
+            ),
+            (
+                {"compile_memory_limit": 2**53},
+                "If specified, compile_memory_limit must be at most 9007199254740991 (2^53 - 1)",
+            ),
+            ({"run_memory_limit": False}, "If specified, run_memory_limit must be a number"),
+            (
+                {"files": [{"content": "print(1)", "encoding": {}}]},
+                "files[0].encoding must be one of utf8, base64, hex",
+            ),
+            (
+                {"files": [{"content": "print(1)", "encoding": ""}]},
+                "files[0].encoding must be one of utf8, base64, hex",
+            ),
+        ],
+    )
+    async def test_hostile_fields_never_reach_the_upstream(
+        self, gateway: Gateway, engine: Service, change: dict[str, Any], message: str
+    ) -> None:
+        key = await gateway.tenant()
+        jobs_before = engine_jobs(engine)
+        response = await gateway.execute(key, {**PY, **change})
+        assert response.status_code == 400, response.text
+        assert response.json() == {"message": message}
+        assert engine_jobs(engine) == jobs_before
+
+    async def test_nul_in_stdin_and_content_is_passed_through(self, gateway: Gateway) -> None:
+        key = await gateway.tenant()
+        program = "import sys; print(repr(sys.stdin.read()), repr(open('data').read()))"
+        files = [{"content": program}, {"name": "data", "content": "a\x00b"}]
+        response = await gateway.execute(key, {**PY, "files": files, "stdin": "x\x00y\n"})
+        assert response.status_code == 200, response.text
+        assert response.json()["run"]["stdout"] == "'x\\x00y\\n' 'a\\x00b'\n"
+
 
 class TestRuntimesAndPackages:
     async def test_runtimes(self, gateway: Gateway, engine: Service) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from app.errors import BadRequest
-from app.piston.schemas import enforce_caps, parse_execute, require_utf8_file
+from app.piston.schemas import LIMIT_FIELDS, enforce_caps, parse_execute, require_utf8_file
 
 
 def body(**overrides: Any) -> dict[str, Any]:
@@ -129,3 +129,61 @@ def test_caps_refused(limits: dict[str, int], caps: dict[str, int], message: str
 )
 def test_caps_allowed(limits: dict[str, int], caps: dict[str, int]) -> None:
     enforce_caps(parse_execute(body(**limits)), caps)
+
+
+# A NUL in a name or an argument can never reach exec() or a path (the engine failed on it and
+# leaked descriptors); in stdin and file contents it is data.
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (body(language="py\x00thon"), "language must not contain a NUL character"),
+        (body(version="3\x00"), "version must not contain a NUL character"),
+        (
+            body(files=[{"name": "a\x00.py", "content": "x"}]),
+            "files[0].name must not contain a NUL character",
+        ),
+        (body(args=["ok", "b\x00d"]), "args[1] must not contain a NUL character"),
+    ],
+)
+def test_nul_in_names_and_args(raw: Any, message: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        parse_execute(raw)
+    assert info.value.message == message
+
+
+def test_nul_in_stdin_and_content_is_data() -> None:
+    parsed = parse_execute(body(stdin="a\x00b", files=[{"content": "x\x00y"}]))
+    assert parsed.stdin == "a\x00b"
+    assert parsed.files[0].content == "x\x00y"
+    assert parsed.as_json()["stdin"] == "a\x00b"
+
+
+@pytest.mark.parametrize("name", LIMIT_FIELDS)
+@pytest.mark.parametrize("value", [2**53, 2**63, 2**64 + 1, -(2**63), 1e300])
+def test_limits_past_2_53_are_refused(name: str, value: float) -> None:
+    with pytest.raises(BadRequest) as info:
+        parse_execute(body(**{name: value}))
+    assert info.value.message == f"If specified, {name} must be at most 9007199254740991 (2^53 - 1)"
+
+
+@pytest.mark.parametrize("name", LIMIT_FIELDS)
+def test_limits_up_to_2_53_minus_1_pass(name: str) -> None:
+    assert parse_execute(body(**{name: 2**53 - 1})).limits[name] == 2**53 - 1
+
+
+@pytest.mark.parametrize("value", [False, True])
+def test_booleans_are_not_limits(value: bool) -> None:
+    with pytest.raises(BadRequest, match="If specified, run_memory_limit must be a number"):
+        parse_execute(body(run_memory_limit=value))
+
+
+@pytest.mark.parametrize("encoding", [{}, [], 0, False, "", "UTF8", "utf-8", ["utf8"]])
+def test_encoding_is_one_of_three_strings(encoding: object) -> None:
+    with pytest.raises(BadRequest) as info:
+        parse_execute(body(files=[{"content": "x", "encoding": encoding}]))
+    assert info.value.message == "files[0].encoding must be one of utf8, base64, hex"
+
+
+def test_encoding_omitted_or_null_is_utf8() -> None:
+    parsed = parse_execute(body(files=[{"content": "x"}, {"content": "y", "encoding": None}]))
+    assert [f.encoding for f in parsed.files] == ["utf8", "utf8"]
