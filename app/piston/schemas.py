@@ -35,6 +35,7 @@ __all__ = [
 
 Encoding = Literal["utf8", "base64", "hex"]
 ENCODINGS: tuple[Encoding, ...] = ("utf8", "base64", "hex")
+_ENCODING: dict[str, Encoding] = {name: name for name in ENCODINGS}
 LIMIT_FIELDS = StageCaps.FIELDS
 # The largest integer a JSON number holds exactly everywhere (JavaScript's MAX_SAFE_INTEGER, so
 # Piston's own limit): past it a limit means nothing, and past 2^63 it breaks the sandbox's calls.
@@ -127,11 +128,13 @@ def _parse_file(index: int, raw: object) -> PistonFile:
                 f"files[{index}].name must be a relative path inside the job folder "
                 "(no leading '/', no '..')"
             )
-    encoding = raw.get("encoding")
-    if encoding is None:  # omitted or null: Piston's default
-        encoding = "utf8"
-    elif not isinstance(encoding, str) or encoding not in ENCODINGS:
-        # Only the three strings: `{}`, `0` or `""` are not "utf8" by being falsy.
+    raw_encoding = raw.get("encoding")
+    # Omitted or null is Piston's default; otherwise only the three strings (`{}`, `0` or `""`
+    # are not "utf8" by being falsy).
+    encoding: Encoding | None = "utf8" if raw_encoding is None else None
+    if isinstance(raw_encoding, str):
+        encoding = _ENCODING.get(raw_encoding)
+    if encoding is None:
         raise BadRequest(f"files[{index}].encoding must be one of utf8, base64, hex")
     file = PistonFile(content=content, name=name, encoding=encoding)
     try:
