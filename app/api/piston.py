@@ -201,6 +201,7 @@ async def execute(request: Request) -> Response:
     principal = await authorize(request, "execute")
     state = get_state(request)
     settings, tenant = state.settings, principal.tenant
+    state.slots.refuse_if_full()  # past the queue: 503 now, not after the body and Redis
     body = await read_json_body(request, settings.max_body_bytes)
     runtime, effective = _effective(state, tenant, body)
     plan = _cache_plan(request, settings, tenant, effective)

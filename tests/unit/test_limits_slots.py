@@ -122,3 +122,20 @@ async def test_first_come_first_served() -> None:
 def test_needs_at_least_one_slot() -> None:
     with pytest.raises(ValueError, match="max_concurrency"):
         UpstreamSlots(0, max_queue=1, queue_timeout_ms=1)
+
+
+async def test_refuse_if_full_only_when_no_slot_and_no_place_in_the_queue() -> None:
+    metrics = Metrics()
+    slots = UpstreamSlots(1, max_queue=1, queue_timeout_ms=5_000, metrics=metrics)
+    slots.refuse_if_full()  # a free slot
+    release = asyncio.Event()
+    holders = [asyncio.create_task(_hold(slots, release, [], n)) for n in range(2)]
+    await asyncio.sleep(0.01)
+    assert (slots.in_flight, slots.waiting) == (1, 1)
+    with pytest.raises(ServiceUnavailable) as info:
+        slots.refuse_if_full()
+    assert info.value.headers == {"Retry-After": "1"}
+    assert _overloads(metrics) == 1
+    release.set()
+    await asyncio.gather(*holders)
+    slots.refuse_if_full()  # free again
