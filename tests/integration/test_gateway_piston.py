@@ -429,7 +429,7 @@ class TestOverload:
                 asyncio.create_task(gateway.execute(key, {**PY, "stdin": str(i)})) for i in (1, 2)
             ]
             async with asyncio.timeout(10):
-                while (gateway.state.slots.in_flight, gateway.state.slots.waiting) != (1, 1):
+                while (gateway.state.slots.in_flight, gateway.state.slots.waiting) != (1, 1):  # noqa: ASYNC110
                     await asyncio.sleep(0.01)
 
             async def timed(i: int) -> tuple[httpx.Response, float]:
