@@ -60,6 +60,7 @@ def serve(
         access_log=False,
         server_header=False,
         proxy_headers=False,  # X-Forwarded-For is trusted only per GATEWAY_TRUSTED_PROXIES
+        ws_max_size=settings.max_body_bytes,  # a WebSocket message is held to the body bound
     )
 
 
@@ -152,7 +153,14 @@ def dev(
         configure_logging(settings.log_level)
         gateway = create_app(settings)
         gateway.state.on_started = [print_dev_banner(f"http://{host}:{port}")]
-        uvicorn.run(gateway, host=host, port=port, log_config=None, access_log=False)
+        uvicorn.run(
+            gateway,
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=False,
+            ws_max_size=settings.max_body_bytes,  # a WebSocket message is held to the body bound
+        )
 
 
 def _register_admin_commands() -> None:

@@ -112,3 +112,7 @@ class Settings(BaseSettings):
     def global_caps(self) -> dict[str, int]:
         """The global maximum of each per-request limit, by Piston field name."""
         return {name: getattr(self, f"max_{name}") for name in StageCaps.FIELDS}
+
+    # Piston-compatible API (WS /api/v2/connect): the client's messages read but not yet sent
+    # up (stdin the job has not taken) per socket; past it the socket is closed with 1009.
+    ws_max_pending_stdin_bytes: Positive = 1_048_576

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Depends, Request, WebSocket
 from starlette.responses import Response
 
 from app.cache import CacheMode, cache_digest, cache_key, cache_mode
@@ -20,7 +20,18 @@ from app.errors import BadGateway, GatewayError, ServiceUnavailable, message_res
 from app.http import json_response, read_json_body
 from app.limits import Admission
 from app.piston.client import UpstreamAnswer, upstream_error
-from app.piston.connect import RelayOutcome, notify_error, relay, ws_url
+from app.piston.connect import (
+    ClientGone,
+    Inbox,
+    MessageRefused,
+    RelayOutcome,
+    close_client,
+    notify_error,
+    read_client,
+    receive_message,
+    relay,
+    ws_url,
+)
 from app.piston.resolve import Runtime
 from app.piston.schemas import (
     EXECUTE_REQUEST_SCHEMA,
@@ -323,57 +334,78 @@ async def uninstall_package(request: Request, state: StateDep) -> Response:
 _INIT_TIMEOUT_S = 1.0  # Piston closes a socket that sends no init within a second
 
 
-async def connect(websocket: WebSocket) -> None:
-    """Piston's interactive execution, relayed after the key and the init are checked."""
-    state = get_state(websocket)
-    settings = state.settings
-    await websocket.accept()
+async def _receive_init(websocket: WebSocket, max_bytes: int) -> str:
+    async with asyncio.timeout(_INIT_TIMEOUT_S):
+        text, _ = await receive_message(websocket, max_bytes)
+    return text
+
+
+async def _principal(websocket: WebSocket) -> Principal | None:
     try:
         # Browsers cannot set headers on a WebSocket: `?api_key=` is accepted on this path only.
         key = key_from_headers(
             websocket.headers.get("authorization"), websocket.headers.get("x-api-key")
         ) or websocket.query_params.get("api_key")
-        principal = await identify(websocket, key)
+        return await identify(websocket, key)
     except GatewayError:  # too many failed attempts from this address
-        principal = None
+        return None
+
+
+async def _stop(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def connect(websocket: WebSocket) -> None:
+    """Piston's interactive execution, relayed after the key and the init are checked."""
+    state = get_state(websocket)
+    settings = state.settings
+    await websocket.accept()
+    # Piston's init timer runs from the connection: read the init while the key is checked,
+    # so a slow key lookup under load does not stretch the second.
+    first_message = asyncio.create_task(_receive_init(websocket, settings.max_body_bytes))
+    try:
+        principal = await _principal(websocket)
+    except BaseException:
+        await _stop(first_message)
+        raise
     if principal is None or not principal.can("execute"):
+        await _stop(first_message)
         # Nothing has reached the upstream; 1008 is the WebSocket "policy violation" close.
-        await websocket.close(
-            code=1008, reason="a valid API key with the execute scope is required"
-        )
+        await close_client(websocket, 1008, "a valid API key with the execute scope is required")
         return
     tenant = principal.tenant
     try:
-        async with asyncio.timeout(_INIT_TIMEOUT_S):
-            first = orjson.loads(await websocket.receive_text())
+        text = await first_message
+        first = orjson.loads(text)
     except TimeoutError:
-        await websocket.close(code=4001, reason="Initialization Timeout")
+        await close_client(websocket, 4001, "Initialization Timeout")
         return
-    except (orjson.JSONDecodeError, WebSocketDisconnect, KeyError):
-        await websocket.close(code=4002, reason="Notified Error")
+    except ClientGone:
+        return
+    except MessageRefused as exc:
+        await notify_error(websocket, exc.message, code=exc.code)
+        return
+    except orjson.JSONDecodeError:
+        await notify_error(websocket, "the init message must be a JSON object")
         return
     if not isinstance(first, dict) or first.get("type") != "init":
-        await websocket.close(code=4003, reason="Not yet initialized")
+        await close_client(websocket, 4003, "Not yet initialized")
         return
     try:
+        state.slots.refuse_if_full()  # past the queue: refused now, not after Redis
         runtime, effective = _effective(state, tenant, first)
         _, lease_ttl_ms = _timing(settings, effective)
         admission = await state.gate.admit(tenant, cache_key=None, lease_ttl_ms=lease_ttl_ms)
     except GatewayError as exc:
         await notify_error(websocket, exc.message)
         return
-    outcome = RelayOutcome(error=True)
+    outcome = RelayOutcome()
     try:
-        async with state.slots.acquire():
-            upstream = state.pool.candidates(runtime)[0]
-            outcome = await relay(
-                websocket,
-                ws_url(upstream.url),
-                {"type": "init", **effective.as_json()},
-                open_timeout=settings.upstream_connect_timeout_ms / 1000,
-            )
-    except GatewayError as exc:  # the gateway is at capacity
-        await notify_error(websocket, exc.message)
+        await _interactive(state, websocket, runtime, effective, outcome)
+    except BaseException:
+        outcome.error = True
+        raise
     finally:
         await state.gate.finish(
             admission,
@@ -382,6 +414,55 @@ async def connect(websocket: WebSocket) -> None:
             wall_time_ms=outcome.wall_time_ms,
         )
         state.metrics.tenant_executions.labels(tenant=tenant.id).inc()
+
+
+async def _interactive(
+    state: AppState,
+    websocket: WebSocket,
+    runtime: Runtime,
+    effective: ExecuteRequest,
+    outcome: RelayOutcome,
+) -> None:
+    """Read the client from now on (bounded), wait for a slot, relay; one place closes."""
+    settings = state.settings
+    inbox = Inbox(settings.ws_max_pending_stdin_bytes)
+    reader = asyncio.create_task(read_client(websocket, inbox, settings.max_body_bytes))
+
+    async def session() -> tuple[int, str] | None:
+        async with state.slots.acquire():
+            upstream = state.pool.candidates(runtime)[0]
+            return await relay(
+                websocket,
+                ws_url(upstream.url),
+                {"type": "init", **effective.as_json()},
+                inbox,
+                outcome,
+                open_timeout=settings.upstream_connect_timeout_ms / 1000,
+            )
+
+    relaying = asyncio.create_task(session())
+    try:
+        await asyncio.wait({reader, relaying}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not relaying.done():
+            await _stop(relaying)  # closes the upstream socket: Piston kills the job
+        await _stop(reader)
+    if reader.done() and not reader.cancelled() and relaying.cancelled():
+        exc = reader.exception()
+        if isinstance(exc, MessageRefused):
+            outcome.error = True
+            await notify_error(websocket, exc.message, code=exc.code)
+        elif exc is not None and not isinstance(exc, ClientGone):
+            raise exc
+        return
+    try:
+        close = relaying.result()
+    except GatewayError as exc:  # the gateway is at capacity
+        outcome.error = True
+        await notify_error(websocket, exc.message)
+        return
+    if close is not None:
+        await close_client(websocket, *close)
 
 
 router.add_api_websocket_route("/connect", connect)

@@ -1,31 +1,68 @@
 """Piston's interactive protocol (`WS /api/v2/connect`), relayed to an upstream.
 
 The gateway checks the key and the `init` message itself (the same parsing, resolution and policy
-as an execute), then opens the upstream socket and relays text messages both ways until either
-side closes; Piston's own close codes (4999 when the job completed) reach the client unchanged.
+as an execute), then opens the upstream socket and relays messages both ways until either side
+closes; Piston's own close codes (4999 when the job completed) reach the client unchanged.
+
+What a socket may hold in the gateway is bounded: each message the client sends (the `init`
+included) is at most `GATEWAY_MAX_BODY_BYTES`, and the messages read from the client but not yet
+sent up (stdin the job has not taken, or all of it while the job waits for a slot) at most
+`GATEWAY_WS_MAX_PENDING_STDIN_BYTES`; past either the socket is told why and closed with 1009.
+The client is read from the moment its `init` is accepted, so a wait for a slot is bounded too,
+and a client that leaves while waiting gives its place up. A binary frame is read as the same
+JSON text as a text frame, as Piston does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import structlog
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from app.piston.client import stage_times
 
-__all__ = ["CLOSE_ERROR", "RelayOutcome", "notify_error", "relay", "ws_url"]
+__all__ = [
+    "CLOSE_ERROR",
+    "CLOSE_TOO_BIG",
+    "ClientGone",
+    "Inbox",
+    "MessageRefused",
+    "RelayOutcome",
+    "close_client",
+    "notify_error",
+    "read_client",
+    "receive_message",
+    "relay",
+    "ws_url",
+]
 
 log = structlog.get_logger(__name__)
 
 CLOSE_ERROR = 4002  # Piston's "Notified Error": an {"type": "error"} message was sent first
-_MAX_MESSAGE = 1 << 20
+CLOSE_TOO_BIG = 1009  # RFC 6455 "Message Too Big"
+_JOB_DONE = frozenset({4999, 1000})  # Piston's "Job Completed", or a plain normal close
+_MAX_MESSAGE = 1 << 20  # what the gateway reads from an upstream in one message
+
+
+class ClientGone(Exception):
+    """The client closed its socket (or the server did, e.g. for an over-large frame)."""
+
+
+class MessageRefused(Exception):
+    """A client message the gateway will not take; the client is told why, then closed."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
 
 
 def ws_url(http_url: str) -> str:
@@ -33,6 +70,72 @@ def ws_url(http_url: str) -> str:
     base = http_url.rstrip("/")
     scheme, rest = base.split("://", 1)
     return f"{'wss' if scheme == 'https' else 'ws'}://{rest}/api/v2/connect"
+
+
+async def receive_message(client: WebSocket, max_bytes: int) -> tuple[str, int]:
+    """The client's next message as JSON text and its size in bytes; text and binary alike."""
+    message = await client.receive()
+    if message["type"] == "websocket.disconnect":
+        raise ClientGone
+    text = message.get("text")
+    if text is None:
+        data: bytes = message.get("bytes") or b""
+        size = len(data)
+        if size <= max_bytes:
+            try:
+                text = data.decode()
+            except UnicodeDecodeError:
+                raise MessageRefused(
+                    "a binary message must hold the same UTF-8 JSON text as a text message",
+                    CLOSE_ERROR,
+                ) from None
+    else:
+        size = len(text) if text.isascii() else len(text.encode())
+    if size > max_bytes:
+        raise MessageRefused(
+            f"a message cannot be larger than {max_bytes} bytes (GATEWAY_MAX_BODY_BYTES)",
+            CLOSE_TOO_BIG,
+        )
+    assert text is not None
+    return text, size
+
+
+class Inbox:
+    """The client's messages not yet sent up, bounded in bytes."""
+
+    def __init__(self, max_pending_bytes: int) -> None:
+        self.max_pending_bytes = max_pending_bytes
+        self.pending_bytes = 0
+        self._messages: deque[tuple[str, int]] = deque()
+        self._arrived = asyncio.Event()
+
+    def put(self, text: str, size: int) -> None:
+        if self.pending_bytes + size > self.max_pending_bytes:
+            raise MessageRefused(
+                f"more than {self.max_pending_bytes} bytes of stdin are waiting for the job "
+                "(GATEWAY_WS_MAX_PENDING_STDIN_BYTES); send it as the program reads it",
+                CLOSE_TOO_BIG,
+            )
+        self._messages.append((text, size))
+        self.pending_bytes += size
+        self._arrived.set()
+
+    async def get(self) -> tuple[str, int]:
+        """The oldest message; its bytes stay pending until `sent` is called for it."""
+        while not self._messages:
+            self._arrived.clear()
+            await self._arrived.wait()
+        return self._messages.popleft()
+
+    def sent(self, size: int) -> None:
+        self.pending_bytes -= size
+
+
+async def read_client(client: WebSocket, inbox: Inbox, max_message_bytes: int) -> None:
+    """Read the client into `inbox` until it leaves (ClientGone) or breaks a bound."""
+    while True:
+        text, size = await receive_message(client, max_message_bytes)
+        inbox.put(text, size)
 
 
 @dataclass
@@ -59,10 +162,16 @@ class RelayOutcome:
 
 
 async def relay(
-    client: WebSocket, upstream_url: str, init: dict[str, Any], *, open_timeout: float
-) -> RelayOutcome:
-    """Open the upstream socket, send `init`, relay both ways, mirror the upstream's close."""
-    outcome = RelayOutcome()
+    client: WebSocket,
+    upstream_url: str,
+    init: dict[str, Any],
+    inbox: Inbox,
+    outcome: RelayOutcome,
+    *,
+    open_timeout: float,
+) -> tuple[int, str] | None:
+    """Open the upstream socket, send `init`, relay both ways; the upstream's close, or None
+    when the client has already been told (the upstream could not be reached)."""
     try:
         upstream = await connect(
             upstream_url, open_timeout=open_timeout, max_size=_MAX_MESSAGE, proxy=None
@@ -71,34 +180,27 @@ async def relay(
         log.warning("upstream_ws_unreachable", upstream=upstream_url, error=type(exc).__name__)
         outcome.error = True
         await notify_error(client, "no upstream Piston is reachable; try again shortly")
-        return outcome
+        return None
     async with upstream:
         await upstream.send(orjson.dumps(init).decode())
-        to_upstream = asyncio.create_task(_client_to_upstream(client, upstream))
-        to_client = asyncio.create_task(_upstream_to_client(upstream, client, outcome))
-        done, pending = await asyncio.wait(
-            {to_upstream, to_client}, return_when=asyncio.FIRST_COMPLETED
-        )
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        if to_client in done and not to_client.cancelled() and to_client.exception() is None:
-            code, reason = to_client.result()
-            with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-                await client.close(code=code, reason=reason)
-    return outcome
+        pump = asyncio.create_task(_inbox_to_upstream(inbox, upstream))
+        try:
+            code, reason = await _upstream_to_client(upstream, client, outcome)
+        finally:
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+    if code not in _JOB_DONE:
+        outcome.error = True  # the upstream died or refused mid-way: not a completed run
+    return code, reason
 
 
-async def _client_to_upstream(client: WebSocket, upstream: ClientConnection) -> None:
-    """The client's messages (stdin, signals) go up as they come; a client gone ends the job."""
-    try:
+async def _inbox_to_upstream(inbox: Inbox, upstream: ClientConnection) -> None:
+    """The client's messages (stdin, signals) go up in order, as fast as the upstream takes them."""
+    with contextlib.suppress(ConnectionClosed):
         while True:
-            text = await client.receive_text()
-            await upstream.send(text)
-    except (WebSocketDisconnect, RuntimeError, KeyError):
-        await upstream.close()  # Piston kills the job when its socket closes
-    except ConnectionClosed:
-        pass
+            text, size = await inbox.get()
+            await upstream.send(text)  # waits while the upstream's socket is full
+            inbox.sent(size)
 
 
 async def _upstream_to_client(
@@ -118,8 +220,25 @@ async def _upstream_to_client(
     return close.code, close.reason
 
 
-async def notify_error(client: WebSocket, message: str) -> None:
-    """Piston's way to refuse: an error message, then close 4002 "Notified Error"."""
-    with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+def _client_open(client: WebSocket) -> bool:
+    return (
+        client.client_state == WebSocketState.CONNECTED
+        and client.application_state == WebSocketState.CONNECTED
+    )
+
+
+async def close_client(client: WebSocket, code: int, reason: str) -> None:
+    """Close the client's socket, unless it is closed already (never a second close)."""
+    if _client_open(client):
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect, OSError):
+            await client.close(code=code, reason=reason)
+
+
+async def notify_error(client: WebSocket, message: str, *, code: int = CLOSE_ERROR) -> None:
+    """Piston's way to refuse: an error message, then close (4002 "Notified Error")."""
+    if not _client_open(client):
+        return
+    reason = "Notified Error" if code == CLOSE_ERROR else "Message Too Big"
+    with contextlib.suppress(RuntimeError, WebSocketDisconnect, OSError):
         await client.send_text(orjson.dumps({"type": "error", "message": message}).decode())
-        await client.close(code=CLOSE_ERROR, reason="Notified Error")
+    await close_client(client, code, reason)
