@@ -354,3 +354,28 @@ class TestUsage:
         finally:
             service.stop()
             own_engine.stop()
+
+
+class TestInitTimeout:
+    async def test_sockets_that_never_init_are_closed_at_one_second(
+        self, gateway: tuple[Service, str]
+    ) -> None:
+        """Piston's timer runs from the connection. Before: it started after the key check, so
+        under load silent sockets were closed after 2.4-3 s instead of 1 s."""
+        service, key = gateway
+        url = _ws(service, f"?api_key={key}")
+
+        async def silent() -> tuple[int | None, float]:
+            loop = asyncio.get_running_loop()
+            async with connect(url, proxy=None) as socket:
+                opened = loop.time()
+                with contextlib.suppress(ConnectionClosed):
+                    async with asyncio.timeout(10):
+                        await socket.recv()
+                close = socket.protocol.close_rcvd
+                return (close.code if close else None), loop.time() - opened
+
+        closes = await asyncio.gather(*(silent() for _ in range(40)))
+        assert [code for code, _ in closes] == [4001] * 40
+        slowest = max(took for _, took in closes)
+        assert slowest < 1.5, f"the slowest silent socket was closed after {slowest:.2f} s"
