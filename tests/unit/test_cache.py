@@ -10,7 +10,8 @@ import orjson
 import pytest
 
 from app.cache import CacheMode, cache_digest, cache_key, cache_mode
-from app.piston.schemas import LIMIT_FIELDS, ExecuteRequest, parse_execute
+from app.errors import BadRequest
+from app.piston.schemas import LIMIT_FIELDS, MAX_SAFE_INTEGER, ExecuteRequest, parse_execute
 
 # What policy would fill an omitted limit with (a tenant's caps).
 CAPS: dict[str, int] = {
@@ -205,9 +206,12 @@ class TestDigestTotal:
     """Any request that parses can be hashed: the key never turns a request into a 500."""
 
     def test_huge_limit(self) -> None:
+        # The largest limit that parses (past 2^53 - 1 the request is a 400 before any hashing).
         caps = {k: v for k, v in CAPS.items() if k != "run_memory_limit"}
-        body = {**BASE, "run_memory_limit": 10**30}
+        body = {**BASE, "run_memory_limit": MAX_SAFE_INTEGER}
         assert len(cache_digest(effective(body, caps), tenant_id="acme")) == 64
+        with pytest.raises(BadRequest):
+            effective({**BASE, "run_memory_limit": 10**30}, caps)
 
     def test_lone_surrogate(self) -> None:
         a = cache_digest(effective({**BASE, "stdin": "\ud800"}), tenant_id="acme")
