@@ -57,6 +57,7 @@ class Upstream:
     runtimes: tuple[Runtime, ...] = ()
     runtimes_body: bytes = b""  # the last runtime list as answered, to parse only a change
     drained: asyncio.Event | None = None  # set when a retired upstream's last request ends
+    discovered_from: str | None = None  # the dns+http entry this address came from
     last_error: str | None = None
 
     def status(self) -> dict[str, Any]:
@@ -66,6 +67,7 @@ class Upstream:
             "in_flight": self.in_flight,
             "runtimes": len(self.runtimes),
             "error": self.last_error,
+            **({"discovered_from": self.discovered_from} if self.discovered_from else {}),
         }
 
 
@@ -299,31 +301,40 @@ class PistonPool:
 
     async def discover(self) -> None:
         """Resolve every dns+http entry once and bring the upstream set in line with it."""
-        for entry in self._dns:
-            try:
-                addresses = list(await self._resolver(entry.name, entry.port))
-                if not addresses:
-                    raise OSError("no addresses")
-            except OSError as exc:  # socket.gaierror included
-                if entry not in self._unresolved:
-                    self._unresolved.add(entry)
-                    log.warning(
-                        "discovery_failed",
-                        entry=entry.entry,
-                        error=str(exc) or type(exc).__name__,
-                        kept=[u.url for u in self._discovered[entry]],
-                    )
-                continue
-            if entry in self._unresolved:
-                self._unresolved.discard(entry)
-                log.info("discovery_recovered", entry=entry.entry, addresses=addresses)
-            self._apply(entry, [entry.url_for(address) for address in addresses])
+        # Resolved together, so one slow name does not hold the others back; applied in order.
+        answers = await asyncio.gather(*(self._resolve(entry) for entry in self._dns))
+        for entry, addresses in zip(self._dns, answers, strict=True):
+            if addresses is not None:
+                self._apply(entry, [entry.url_for(address) for address in addresses])
+
+    async def _resolve(self, entry: DnsEntry) -> list[str] | None:
+        """The name's addresses, or None (logged once per outage) to keep the last ones."""
+        try:
+            addresses = list(await self._resolver(entry.name, entry.port))
+            if not addresses:
+                raise OSError("the name resolves to no address")
+        except (OSError, UnicodeError) as exc:  # socket.gaierror is an OSError
+            if entry not in self._unresolved:
+                self._unresolved.add(entry)
+                log.warning(
+                    "discovery_failed",
+                    entry=entry.entry,
+                    error=str(exc) or type(exc).__name__,
+                    kept=[u.url for u in self._discovered[entry]],
+                )
+            return None
+        if entry in self._unresolved:
+            self._unresolved.discard(entry)
+            log.info("discovery_recovered", entry=entry.entry, addresses=addresses)
+        return addresses
 
     def _apply(self, entry: DnsEntry, urls: list[str]) -> None:
         current = {u.url: u for u in self._discovered[entry]}
         taken = {u.url for u in self.upstreams} - current.keys()
         wanted = [url for url in dict.fromkeys(urls) if url not in taken]
         added = [self._upstream(url) for url in wanted if url not in current]
+        for upstream in added:
+            upstream.discovered_from = entry.entry
         removed = [u for url, u in current.items() if url not in wanted]
         if not added and not removed:
             return

@@ -128,6 +128,11 @@ async def test_two_addresses_both_serve_and_one_going_away_is_removed(
     )
     both = {f"http://127.0.0.1:{port}", f"http://[::1]:{port}"}
     assert set(await _readyz_urls(gateway.client, both)) == both
+    ready = await gateway.client.get("/readyz")
+    assert ready.status_code == 200
+    assert {u["discovered_from"] for u in ready.json()["upstreams"]} == {
+        f"dns+http://piston.default.svc:{port}"
+    }
 
     key = await gateway.tenant()
     answer = await gateway.execute(key, PY, **{"Cache-Control": "no-store"})

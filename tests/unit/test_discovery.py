@@ -9,12 +9,14 @@ from collections.abc import Sequence
 import httpx
 import orjson
 import pytest
+from pydantic import ValidationError
 from structlog.testing import capture_logs
 
 from app.errors import ServiceUnavailable
 from app.piston.client import PistonPool
 from app.piston.discovery import DnsEntry, system_resolver
 from app.piston.resolve import Runtime
+from app.settings import Settings
 
 RUNTIMES = orjson.dumps([{"language": "python", "version": "3.12.0", "aliases": ["py"]}])
 ANSWER = {"language": "python", "version": "3.12.0", "run": {"stdout": "", "status": None}}
@@ -174,3 +176,20 @@ async def test_the_system_resolver_answers_every_address_the_os_gives() -> None:
     expected = {info[4][0] for info in socket.getaddrinfo("localhost", 2000, 0, socket.SOCK_STREAM)}
     assert set(addresses) == expected
     assert "127.0.0.1" in addresses
+
+
+def test_settings_take_dns_entries_beside_plain_urls_and_refuse_other_schemes() -> None:
+    settings = Settings(
+        piston_urls="dns+http://piston.default.svc:2000, http://10.0.0.1:2000",
+        discovery_seconds=5,
+    )
+    assert [str(url).rstrip("/") for url in settings.piston_urls] == [
+        "dns+http://piston.default.svc:2000",
+        "http://10.0.0.1:2000",
+    ]
+    assert Settings().discovery_seconds == 10
+    for bad in ("dns+https://piston:2000", "dns+http://:2000", "ftp://piston"):
+        with pytest.raises(ValidationError, match="piston_urls"):
+            Settings(piston_urls=bad)
+    with pytest.raises(ValidationError, match="health_check_seconds"):
+        Settings(health_check_seconds=10)  # with the 2 s bound, past the contract's 5 s
