@@ -112,3 +112,6 @@ class Settings(BaseSettings):
     def global_caps(self) -> dict[str, int]:
         """The global maximum of each per-request limit, by Piston field name."""
         return {name: getattr(self, f"max_{name}") for name in StageCaps.FIELDS}
+
+    # batch runs
+    max_batch_cases: Positive = 50
