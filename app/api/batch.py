@@ -50,7 +50,7 @@ router = APIRouter(prefix="/api/v2", tags=["piston"])
 _PYTHON_BATCH: Final[dict[str, Any]] = {
     "language": "python",
     "version": "3.x",
-    "files": [{"name": "main.py", "content": "a, b = map(int, input().split())\nprint(a + b)"}],
+    "files": [{"name": "main.py", "content": "a, b = map(int, input().split())\nprint(a + b)\n"}],
     "cases": [
         {"id": "small", "stdin": "1 2", "expected_output": "3"},
         {"id": "negative", "stdin": "-5 3", "expected_output": "-2"},
@@ -60,78 +60,102 @@ _PYTHON_BATCH: Final[dict[str, Any]] = {
 }
 
 
-def _stage(stdout: str, *, code: int = 0, stderr: str = "", cpu: int, wall: int) -> dict[str, Any]:
+def _stage(
+    stdout: str,
+    *,
+    stderr: str = "",
+    code: int = 0,
+    status: str | None = None,
+    message: str | None = None,
+    cpu: int,
+    wall: int,
+    memory: int,
+) -> dict[str, Any]:
     return {
         "stdout": stdout,
         "stderr": stderr,
         "output": stdout + stderr,
         "code": code,
         "signal": None,
-        "message": None,
-        "status": None,
+        "message": message,
+        "status": status,
         "cpu_time": cpu,
         "wall_time": wall,
-        "memory": 9_000_000,
+        "memory": memory,
     }
 
 
+# The examples are real answers of the embedded engine (Debian's python3 and gcc).
 _PYTHON_ANSWER: Final[dict[str, Any]] = {
     "language": "python",
-    "version": "3.12.3",
+    "version": "3.11.2",
     "summary": {
         "cases": 3,
         "passed": 2,
         "failed": 1,
         "not_run": 0,
         "verdict": "wrong_answer",
-        "cpu_time": 36,
-        "wall_time": 61,
+        "cpu_time": 47,
+        "wall_time": 274,
     },
     "cases": [
         {
             "id": "small",
             "verdict": "accepted",
             "cache": "MISS",
-            "run": _stage("3\n", cpu=12, wall=20),
+            "run": _stage("3\n", cpu=14, wall=65, memory=8433664),
         },
         {
             "id": "negative",
             "verdict": "accepted",
-            "cache": "HIT",
-            "run": _stage("-2\n", cpu=12, wall=21),
+            "cache": "MISS",
+            "run": _stage("-2\n", cpu=16, wall=102, memory=8474624),
         },
         {
             "id": "wrong",
             "verdict": "wrong_answer",
             "cache": "MISS",
-            "run": _stage("4\n", cpu=12, wall=20),
+            "run": _stage("4\n", cpu=17, wall=107, memory=8478720),
         },
     ],
 }
 
-_C_ERROR: Final = "main.c: In function 'main':\nmain.c:1:27: error: expected ';' before '}' token\n"
 _C_BATCH: Final[dict[str, Any]] = {
     "language": "c",
     "version": "*",
     "files": [{"name": "main.c", "content": "int main(void) { return 0 }"}],
     "cases": [{"stdin": "1"}, {"stdin": "2"}],
 }
-_C_STAGE: Final[dict[str, Any]] = {
-    **_stage("", code=1, stderr=_C_ERROR, cpu=40, wall=55),
-}
+_C_STAGE: Final[dict[str, Any]] = _stage(
+    "",
+    stderr=(
+        "main.c: In function \u2018main\u2019:\n"
+        "main.c:1:26: error: expected \u2018;\u2019 before \u2018}\u2019 token\n"
+        "    1 | int main(void) { return 0 }\n"
+        "      |                          ^~\n"
+        "      |                          ;\n"
+    ),
+    code=1,
+    status="RE",
+    message="Exited with error status 1",
+    cpu=10,
+    wall=82,
+    memory=19587072,
+)
 _C_ANSWER: Final[dict[str, Any]] = {
     "language": "c",
-    "version": "13.2.0",
+    "version": "12.2.0",
     "summary": {
         "cases": 2,
         "passed": 0,
         "failed": 1,
         "not_run": 1,
         "verdict": "compile_error",
-        "cpu_time": 40,
-        "wall_time": 55,
+        "cpu_time": 10,
+        "wall_time": 82,
     },
     "cases": [
+        # Piston mirrors a failed compile as `run` too (for older clients).
         {
             "id": "0",
             "verdict": "compile_error",

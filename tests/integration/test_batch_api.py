@@ -377,3 +377,26 @@ async def test_openapi_documents_the_batch(gateway: Gateway) -> None:
     assert answers["one_wrong_answer"]["value"]["summary"]["verdict"] == "wrong_answer"
     for status in ("400", "401", "403", "413", "415", "429", "503"):
         assert status in operation["responses"]
+
+
+@pytest.mark.parametrize("name", ["one_wrong_answer", "compile_error"])
+async def test_the_documented_examples_are_what_the_engine_answers(
+    gateway: Gateway, name: str
+) -> None:
+    document = (await gateway.client.get("/openapi.json")).json()
+    operation = document["paths"]["/api/v2/batch"]["post"]
+    request = operation["requestBody"]["content"]["application/json"]["examples"][name]["value"]
+    shown = operation["responses"]["200"]["content"]["application/json"]["examples"][name]["value"]
+    key = await gateway.tenant()
+    answer = (await post(gateway, key, request)).json()
+    counts = ("cases", "passed", "failed", "not_run", "verdict")
+    assert {k: answer["summary"][k] for k in counts} == {k: shown["summary"][k] for k in counts}
+    assert [(c["id"], c["verdict"], c.get("cache")) for c in answer["cases"]] == [
+        (c["id"], c["verdict"], c.get("cache")) for c in shown["cases"]
+    ]
+    for got, documented in zip(answer["cases"], shown["cases"], strict=True):
+        for stage in ("compile", "run"):
+            assert (stage in got) == (stage in documented)
+            if stage in got:
+                assert got[stage]["code"] == documented[stage]["code"]
+                assert got[stage]["stdout"] == documented[stage]["stdout"]
