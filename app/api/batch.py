@@ -359,8 +359,8 @@ class _Run:
         ]
 
 
-_DOCS: Final[dict[str, Any]] = dict(
-    responses={
+_DOCS: Final[dict[str, Any]] = {
+    "responses": {
         200: {
             "description": "Every case's verdict and Piston's stages, in request order",
             "content": {
@@ -381,7 +381,7 @@ _DOCS: Final[dict[str, Any]] = dict(
         },
         **message_responses(400, 401, 403, 413, 415, 429, 503),
     },
-    openapi_extra={
+    "openapi_extra": {
         "requestBody": {
             "required": True,
             "content": {
@@ -398,7 +398,7 @@ _DOCS: Final[dict[str, Any]] = dict(
             },
         }
     },
-)
+}
 
 
 async def batch(request: Request) -> Response:
