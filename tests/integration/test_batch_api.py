@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -213,6 +214,26 @@ class TestCacheSharedWithExecute:
         assert cases[0]["run"] == execute.json()["run"]
         [today] = await gateway.state.gate.usage("acme", days=1)
         assert (today["executions"], today["cache_hits"]) == (3, 1)
+
+    async def test_a_case_joins_the_flight_of_an_execute_in_flight(
+        self, make_gateway: GatewayFactory
+    ) -> None:
+        async with serve_fake(FakePiston(delay=1.0)) as fake:
+            gateway = await make_gateway(piston_urls=[fake.url])
+            key = await gateway.tenant()
+            execute = asyncio.create_task(gateway.execute(key, python("print(1)", stdin="x")))
+            deadline = asyncio.get_running_loop().time() + 5
+            while fake.executions == 0:  # the execute has reached the upstream, which waits
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.01)
+            body = python("print(1)", cases=[{"stdin": "x"}, {"stdin": "x"}])
+            response = await post(gateway, key, body)
+            assert (await execute).headers["x-cache"] == "MISS"
+        # The first case joined the execute's flight; the second, started after it, found the
+        # answer stored: one run upstream for all three.
+        assert [c["cache"] for c in response.json()["cases"]] == ["MISS", "HIT"]
+        assert verdicts(response) == ["ran", "ran"]
+        assert fake.executions == 1
 
     async def test_no_store_bypasses_every_case(self, gateway: Gateway) -> None:
         key = await gateway.tenant()
