@@ -294,7 +294,24 @@ class TestConcurrency:
         spans = [tuple(map(float, c["run"]["stdout"].split())) for c in response.json()["cases"]]
         # The most cases running at one instant: at every start, count the spans covering it.
         overlap = max(sum(1 for s, e in spans if s <= start < e) for start, _ in spans)
+        # Never more than the cap; and the cap is used (0.8 s sleeps started together overlap).
         assert overlap == 2
+
+    async def test_a_batch_holds_one_of_the_tenants_leases(self, gateway: Gateway) -> None:
+        key = await gateway.tenant(max_concurrency=1)
+        source = "import time\ntime.sleep(0.5)\nprint(input())\n"
+        body = python(source, cases=[{"stdin": "1"}, {"stdin": "2"}])
+        running = asyncio.create_task(post(gateway, key, body))
+        deadline = asyncio.get_running_loop().time() + 5
+        while gateway.state.slots.in_flight == 0:  # the batch's first case is upstream
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        refused = await gateway.execute(key, python("print(2)"))
+        assert refused.status_code == 429
+        assert refused.json() == {"message": "concurrency limit of 1 executions in flight reached"}
+        assert verdicts(await running) == ["ran", "ran"]
+        # The lease is given back with the batch's answer.
+        assert (await gateway.execute(key, python("print(3)"))).status_code == 200
 
 
 class TestValidation:
