@@ -45,7 +45,7 @@ from app.tenancy.models import Tenant
 
 __all__ = ["BATCH_REQUEST_SCHEMA", "BATCH_RESPONSE_SCHEMA", "router"]
 
-router = APIRouter(prefix="/api/v2", tags=["piston"])
+router = APIRouter(prefix="/api/v2", tags=["batch"])
 
 _PYTHON_BATCH: Final[dict[str, Any]] = {
     "language": "python",
@@ -360,6 +360,15 @@ class _Run:
 
 
 _DOCS: Final[dict[str, Any]] = {
+    "description": (
+        "Run one program over test cases and grade each (scope `execute`; a gateway extension, "
+        "not part of Piston). Each case counts as one execution: a batch of N needs N of the "
+        "rate limit and quota, admitted all or nothing (429 says how many it needs and how "
+        "many are left). At most the tenant's `max_concurrency` cases run at a time, each "
+        "cached and single-flighted as the execute with its `stdin` and `args`. The first case "
+        "runs alone; a compile error (or, with `stop_on_failure`, any failure) leaves the cases "
+        "not started `not_run`."
+    ),
     "responses": {
         200: {
             "description": "Every case's verdict and Piston's stages, in request order",
@@ -402,13 +411,7 @@ _DOCS: Final[dict[str, Any]] = {
 
 
 async def batch(request: Request) -> Response:
-    """Run one program over test cases and grade each (scope `execute`; not part of Piston).
-
-    Each case counts as one execution (N admitted all or nothing), is cached and single-flighted
-    as the execute with its stdin and args, and at most the tenant's `max_concurrency` cases run
-    at a time. Verdicts: accepted, wrong_answer, ran, runtime_error, time_limit, output_limit,
-    compile_error, internal_error, not_run.
-    """
+    """Run one program over test cases and grade each (scope `execute`; not part of Piston)."""
     principal = await authorize(request, "execute")
     state = get_state(request)
     settings, tenant = state.settings, principal.tenant
