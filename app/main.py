@@ -209,11 +209,12 @@ def create_app(
     app.state.upstream_transport = upstream_transport
     install_error_handlers(app)
 
-    from app.api import admin, ops, piston  # routers only; they import the modules above
+    from app.api import admin, batch, ops, piston  # routers only; they import the modules above
 
     app.include_router(piston.router)
     app.include_router(admin.router)
     app.include_router(ops.router)
+    app.include_router(batch.router)
 
     _document_key_schemes(app)
     # Added innermost first: errors -> CORS -> request context (outermost), so that every

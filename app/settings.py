@@ -120,3 +120,6 @@ class Settings(BaseSettings):
     # bounded at 2 s: at most 3 s keeps "unhealthy within 5 s" (interval + 2 s) true.
     health_check_seconds: float = Field(default=1.0, gt=0, le=3.0)
     discovery_seconds: float = Field(default=10.0, gt=0)
+
+    # batch runs
+    max_batch_cases: Positive = 50
