@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 from pathlib import Path
 from typing import Final
 
-__all__ = ["mount_job_disk", "mounts_under", "unmount"]
+__all__ = ["mount_job_disk", "mount_point", "mounts_under", "unmount"]
 
 _MS_NOSUID: Final = 0x2
 _MS_NODEV: Final = 0x4
@@ -51,15 +52,17 @@ def unmount(root: Path) -> None:
 
 def mounts_under(directory: Path) -> list[Path]:
     """Mount points below `directory` (a crashed engine's job folders), deepest first."""
-    prefix = str(directory).rstrip("/") + "/"
-    found: list[Path] = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as mountinfo:
-        for line in mountinfo:
-            fields = line.split(" ")
-            if len(fields) < 5:
-                continue
-            # mountinfo escapes space, tab, newline and backslash as octal.
-            point = fields[4].encode("latin-1", "surrogateescape").decode("unicode_escape")
-            if point.startswith(prefix):
-                found.append(Path(point))
+    prefix = os.fsencode(directory).rstrip(b"/") + b"/"
+    with open("/proc/self/mountinfo", "rb") as mountinfo:
+        points = [mount_point(line) for line in mountinfo]
+    found = [Path(os.fsdecode(point)) for point in points if point.startswith(prefix)]
     return sorted(found, key=lambda path: len(path.parts), reverse=True)
+
+
+def mount_point(line: bytes) -> bytes:
+    """The mount point of one /proc/self/mountinfo line, its octal escapes (space, tab, newline,
+    backslash) undone."""
+    fields = line.split(b" ")
+    if len(fields) < 5:
+        return b""
+    return re.sub(rb"\\([0-7]{3})", lambda match: bytes([int(match[1], 8)]), fields[4])

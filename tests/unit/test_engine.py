@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from app.engine.config import EngineSettings
+from app.engine.disk import mount_point
 from app.engine.runtimes import SPECS, entry_arg, host_runtime, normalize_version
 from app.engine.sandbox import (
     SUPERVISOR,
@@ -260,3 +261,9 @@ def test_job_caps_default_to_the_contract(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("PISTON_WS_MAX_PENDING_STDIN_BYTES", "2048")
     assert EngineSettings().job_disk_limit == 1_000_000
     assert EngineSettings().ws_max_pending_stdin_bytes == 2048
+
+
+def test_mountinfo_escapes_are_undone() -> None:
+    line = b"84 67 0:39 / /tmp/jobs\\040x/a rw,nosuid - tmpfs pgw-job rw,size=1k\n"
+    assert mount_point(line) == b"/tmp/jobs x/a"
+    assert mount_point(b"garbage\n") == b""
