@@ -2,7 +2,9 @@
 
 Shape of one stage:
 
-    engine ──(real uid = job uid)──▶ bwrap (user/pid/net/ipc/uts/mount namespaces)
+    engine ──(real uid = job uid)──▶ bwrap (user/pid/net/ipc/uts/mount namespaces; nested user
+                                        │  namespaces disabled; empty environment, options read
+                                        │  from a memfd, so PID 1 shows nothing of the engine)
                                         └▶ supervisor (system python, -I -S)
                                               └▶ the program, with rlimits set between fork and exec
 
@@ -43,6 +45,7 @@ __all__ = [
     "SupervisorReport",
     "UidPool",
     "bwrap_argv",
+    "bwrap_parts",
     "classify",
     "parse_report",
     "run_stage",
@@ -292,14 +295,38 @@ def bwrap_argv(
     control_fd: int,
     scratch: Path | None = None,
 ) -> list[str]:
-    """The full argv of one sandboxed stage (pure, so a unit test can read it).
+    """bwrap_parts as one argv: bwrap, its options, `--`, the sandboxed command."""
+    bwrap, options, sandboxed = bwrap_parts(
+        settings=settings,
+        job_dir=job_dir,
+        env=env,
+        command=command,
+        limits=limits,
+        status_fd=status_fd,
+        control_fd=control_fd,
+        scratch=scratch,
+    )
+    return [bwrap, *options, "--", *sandboxed]
+
+
+def bwrap_parts(
+    *,
+    settings: EngineSettings,
+    job_dir: Path,
+    env: Mapping[str, str],
+    command: Sequence[str],
+    limits: StageLimits,
+    status_fd: int,
+    control_fd: int,
+    scratch: Path | None = None,
+) -> tuple[str, list[str], list[str]]:
+    """One sandboxed stage: bwrap's path, its options, and the command it runs (the supervisor).
 
     `scratch` holds the job's /tmp, /var/tmp and /dev/shm (folders named as SCRATCH_DIRS's keys);
     without it each stage gets tmpfs mounts of its own (the start-up probes).
     Raises ValueError for an argument that holds a NUL.
     """
-    argv = [
-        str(settings.bwrap_path),
+    options = [
         # user, ipc, pid, net, uts and cgroup namespaces: no network, no view of other processes.
         "--unshare-all",
         # A job may not make user namespaces of its own (`unshare -U` fails): they would widen the
@@ -319,18 +346,17 @@ def bwrap_argv(
     if scratch is None:
         for private in SCRATCH_DIRS.values():
             # A tmpfs per stage: whatever a job leaves there is gone with its mount namespace.
-            argv += ["--size", str(settings.tmpfs_size), "--tmpfs", private]
+            options += ["--size", str(settings.tmpfs_size), "--tmpfs", private]
     else:
-        # The job's own folders on its one size-capped filesystem (see jobs.JobDisk): all that
+        # The job's own folders on its one size-capped filesystem (see app.engine.disk): all that
         # the job writes anywhere counts against one PISTON_JOB_DISK_LIMIT, and both stages of
         # the job see the same files.
         for name, private in SCRATCH_DIRS.items():
-            argv += ["--bind", str(scratch / name), private]
-    argv += ["--bind", str(job_dir), BOX_DIR, "--chdir", BOX_DIR, "--clearenv"]
+            options += ["--bind", str(scratch / name), private]
+    options += ["--bind", str(job_dir), BOX_DIR, "--chdir", BOX_DIR, "--clearenv"]
     for key, value in env.items():
-        argv += ["--setenv", key, value]
-    argv += [
-        "--",
+        options += ["--setenv", key, value]
+    sandboxed = [
         str(settings.supervisor_python),
         "-I",
         "-S",
@@ -347,10 +373,10 @@ def bwrap_argv(
     ]
     # bwrap reads these from a descriptor, NUL-separated (see run_stage): a NUL inside one would
     # split it into two arguments, and so into options of bwrap's own.
-    for arg in argv:
+    for arg in (*options, *sandboxed):
         if "\x00" in arg:
             raise ValueError(f"a sandbox argument holds a NUL character: {arg[:40]!r}")
-    return argv
+    return str(settings.bwrap_path), options, sandboxed
 
 
 def _processes_of(uid: int) -> list[int]:
@@ -568,7 +594,7 @@ async def _run_stage(
     try:
         status_r, status_w = descriptors.pipe()
         control_r, control_w = descriptors.pipe()
-        argv = bwrap_argv(
+        bwrap, options, sandboxed = bwrap_parts(
             settings=settings,
             job_dir=job_dir,
             env=env,
@@ -582,8 +608,6 @@ async def _run_stage(
         # PID 1 of the job's pid namespace, and its /proc/1/cmdline and /proc/1/environ would
         # otherwise show the job folder's host path and every variable of the engine. What stays
         # on its command line (after `--`, which bwrap takes there only) is the sandbox's own.
-        separator = argv.index("--")
-        options = argv[1:separator]
         args_fd = descriptors.data(b"".join(os.fsencode(arg) + b"\0" for arg in options))
     except (OSError, ValueError) as exc:
         return _cannot_start(exc)
@@ -594,10 +618,11 @@ async def _run_stage(
     started = time.monotonic()
     spawning = asyncio.ensure_future(
         asyncio.create_subprocess_exec(
-            argv[0],
+            bwrap,
             "--args",
             str(args_fd),
-            *argv[separator:],
+            "--",
+            *sandboxed,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
