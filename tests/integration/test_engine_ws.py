@@ -263,6 +263,7 @@ async def test_stdin_a_program_never_reads_is_bounded(engine: Service) -> None:
                 await ws.send(chunk)
             await until_closed(ws)
     assert close_code(ws)[0] == 1009
+    assert "Traceback" not in engine.log()
     # The socket's memory is the engine's no longer (a generous bound: allocator slack).
     assert _rss_mib(engine) - before < 40
     assert_clean(engine)
@@ -274,3 +275,4 @@ async def test_a_message_over_the_body_limit_is_refused(engine: Service) -> None
         await send(ws, big)
         assert await until_closed(ws) == []
     assert close_code(ws)[0] == 1009
+    assert "Traceback" not in engine.log()
