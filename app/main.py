@@ -101,7 +101,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     pool = PistonPool(
         [str(url) for url in settings.piston_urls],
         connect_timeout=settings.upstream_connect_timeout_ms / 1000,
-        refresh_seconds=settings.runtimes_refresh_seconds,
+        health_seconds=settings.health_check_seconds,
+        discovery_seconds=settings.discovery_seconds,
         metrics=metrics,
         transport=app.state.upstream_transport,
     )
@@ -208,11 +209,12 @@ def create_app(
     app.state.upstream_transport = upstream_transport
     install_error_handlers(app)
 
-    from app.api import admin, ops, piston  # routers only; they import the modules above
+    from app.api import admin, batch, ops, piston  # routers only; they import the modules above
 
     app.include_router(piston.router)
     app.include_router(admin.router)
     app.include_router(ops.router)
+    app.include_router(batch.router)
 
     _document_key_schemes(app)
     # Added innermost first: errors -> CORS -> request context (outermost), so that every
