@@ -283,6 +283,21 @@ class TestUpstreamFaults:
         assert response.status_code == 504
         assert set(response.json()) == {"message"}
 
+    @pytest.mark.parametrize(("mode", "status"), [("500", 502), ("garbage", 502), ("hang", 504)])
+    async def test_a_failed_upstream_counts_as_an_error_in_usage(
+        self, make_gateway: GatewayFactory, mode: str, status: int
+    ) -> None:
+        async with serve_fake(FakePiston(mode=mode)) as fake:
+            gateway = await make_gateway(piston_urls=[fake.url], upstream_grace_ms=100)
+            key = await gateway.tenant()
+            body = {**PY, "run_timeout": 200, "compile_timeout": 100}
+            assert (await gateway.execute(key, body)).status_code == status
+            usage = await gateway.client.get(
+                "/admin/tenants/acme/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+            )
+        today = usage.json()["days"][0]
+        assert (today["executions"], today["errors"]) == (1, 1)
+
     async def test_unreachable_is_503(self, make_gateway: GatewayFactory) -> None:
         gateway = await make_gateway(piston_urls=[f"http://127.0.0.1:{free_port()}"])
         key = await gateway.tenant()
