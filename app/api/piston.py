@@ -457,6 +457,8 @@ async def _interactive(
         return
     try:
         close = relaying.result()
+    except ClientGone:  # gone while the job's output was on its way down
+        return
     except GatewayError as exc:  # the gateway is at capacity
         outcome.error = True
         await notify_error(websocket, exc.message)

@@ -182,7 +182,8 @@ async def relay(
         await notify_error(client, "no upstream Piston is reachable; try again shortly")
         return None
     async with upstream:
-        await upstream.send(orjson.dumps(init).decode())
+        with contextlib.suppress(ConnectionClosed):  # its close is read below
+            await upstream.send(orjson.dumps(init).decode())
         pump = asyncio.create_task(_inbox_to_upstream(inbox, upstream))
         try:
             code, reason = await _upstream_to_client(upstream, client, outcome)
@@ -211,7 +212,10 @@ async def _upstream_to_client(
         async for message in upstream:
             text = message if isinstance(message, str) else message.decode()
             outcome.observe(text)
-            await client.send_text(text)
+            try:
+                await client.send_text(text)
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                raise ClientGone from None  # the client's socket is closed: nothing to mirror
     except ConnectionClosed:
         pass
     close = upstream.protocol.close_rcvd  # the Close frame Piston sent, if any

@@ -379,3 +379,21 @@ class TestInitTimeout:
         assert [code for code, _ in closes] == [4001] * 40
         slowest = max(took for _, took in closes)
         assert slowest < 1.5, f"the slowest silent socket was closed after {slowest:.2f} s"
+
+
+class TestClientLeaves:
+    async def test_a_client_gone_mid_output_leaves_no_traceback(
+        self, gateway: tuple[Service, str]
+    ) -> None:
+        service, key = gateway
+        url = _ws(service, f"?api_key={key}")
+        chatty = {**INIT, "files": [{"content": "while True: print('x' * 1000, flush=True)"}]}
+        for _ in range(3):
+            socket = await connect(url, proxy=None)
+            await socket.send(json.dumps(chatty))
+            async with asyncio.timeout(20):
+                while json.loads(await socket.recv()).get("type") != "data":
+                    pass
+            socket.transport.abort()  # gone without a close handshake, output still coming
+        assert (await _conversation(url, [PRINT_ONE]))[1] == 4999
+        assert "Traceback" not in service.log()
