@@ -23,7 +23,7 @@ from schemathesis import GenerationMode
 from tests.e2e.conftest import E2E_ADMIN_KEY
 from tests.support import RedisServer, Service, mint_key, start_gateway
 
-EXAMPLES = 6  # per operation, key and mode: 16 operations x 3 keys x 2 modes x 6 = 576 cases
+EXAMPLES = 6  # per operation, key and mode: 17 operations x 3 keys x 2 modes x 6 = 612 at most
 
 # The embedded engine refuses package changes (501, it runs the host's runtimes), which the
 # contract maps to 502 ("Upstream 5xx ... : 502"): that 5xx is the upstream's, not a defect.
@@ -32,13 +32,15 @@ _UPSTREAM_REFUSES = {("POST", "/api/v2/packages"), ("DELETE", "/api/v2/packages"
 
 @dataclass
 class Findings:
-    items: list[str] = field(default_factory=list)
+    items: list[str] = field(default_factory=list)  # a 5xx, or an error that is not a message
+    auth_items: list[str] = field(default_factory=list)  # a key not checked first
     cases: int = 0
 
     def check(self, label: str, method: str, path: str, response: requests.Response) -> None:
         self.cases += 1
         where = f"{method} {path} [{label}] -> {response.status_code}"
         status = response.status_code
+        self._check_key_first(label, path, status, where)
         if status >= 500 and not self._upstream_refusal(method, path, response):
             self.items.append(f"{where}: {response.text[:200]!r}")
             return
@@ -53,6 +55,14 @@ class Findings:
             self.items.append(f"{where}: not {{'message'}}: {response.text[:200]!r}")
         elif not isinstance(body["message"], str) or not body["message"]:
             self.items.append(f"{where}: message is not a string: {response.text[:200]!r}")
+
+    def _check_key_first(self, label: str, path: str, status: int, where: str) -> None:
+        """Contract: the key is checked first on every keyed route, whatever the body."""
+        keyed = path.startswith(("/api/v2/", "/admin/"))
+        if label == "no key" and keyed and status != 401:
+            self.auth_items.append(f"{where}: expected 401 (no key)")
+        elif label == "execute key" and path.startswith("/admin/") and status != 403:
+            self.auth_items.append(f"{where}: expected 403 (an execute key on an admin route)")
 
     @staticmethod
     def _upstream_refusal(method: str, path: str, response: requests.Response) -> bool:
@@ -121,8 +131,9 @@ def fuzzed(redis_server: RedisServer, engine: Service) -> Iterator[tuple[Service
     service.stop()
 
 
-@pytest.mark.timeout(240)
-def test_no_5xx_and_every_error_is_a_message(fuzzed: tuple[Service, str]) -> None:
+@pytest.fixture(scope="module")
+def findings(fuzzed: tuple[Service, str]) -> Findings:
+    """One bounded fuzz run over every operation, with each key and without one."""
     service, execute_key = fuzzed
     schema = schemathesis.openapi.from_url(f"{service.url}/openapi.json")
     keys = {
@@ -130,17 +141,34 @@ def test_no_5xx_and_every_error_is_a_message(fuzzed: tuple[Service, str]) -> Non
         "admin key": {"Authorization": f"Bearer {E2E_ADMIN_KEY}"},
         "no key": {},
     }
-    findings = Findings()
+    found = Findings()
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 16
     session = requests.Session()
     session.trust_env = False  # loopback only, never a proxy from the environment
-
     for operation in operations:
         for label, headers in keys.items():
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-                _fuzz(operation, mode, service.url, session, label, headers, findings)
+                _fuzz(operation, mode, service.url, session, label, headers, found)
+    assert found.cases >= len(operations) * len(keys)
+    return found
 
-    assert findings.cases >= len(operations) * len(keys)
+
+@pytest.mark.timeout(240)
+def test_no_5xx_and_every_error_is_a_message(
+    fuzzed: tuple[Service, str], findings: Findings
+) -> None:
+    service, _ = fuzzed
     assert findings.items == [], "\n".join(findings.items[:50])
     assert "Traceback" not in service.log()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 11 finding 6, in app/api/admin.py (another helper's): PATCH "
+    "/admin/tenants/{id} parses its body before the key, so malformed JSON gets 400 with no key "
+    "and with an execute key. Remove this mark once that fix is merged (strict: it fails then).",
+)
+def test_the_key_is_checked_before_anything_else(findings: Findings) -> None:
+    assert findings.auth_items == [], "\n".join(findings.auth_items[:50])
