@@ -19,6 +19,7 @@ from app.cache import CacheMode, cache_digest, cache_key, cache_mode
 from app.errors import BadGateway, GatewayError, ServiceUnavailable, message_responses
 from app.http import json_response, read_json_body
 from app.limits import Admission
+from app.limits.slots import Reservation
 from app.piston.client import UpstreamAnswer, upstream_error
 from app.piston.connect import (
     ClientGone,
@@ -77,10 +78,15 @@ def _stage_deadline_ms(limits: Mapping[str, int | None]) -> int:
 
 
 async def _run_upstream(
-    state: AppState, body: bytes, runtime: Runtime, *, deadline_s: float
+    state: AppState,
+    body: bytes,
+    runtime: Runtime,
+    *,
+    deadline_s: float,
+    reservation: Reservation | None = None,
 ) -> UpstreamAnswer:
     """One execution on an upstream, inside this process's cap on executions in flight."""
-    async with state.slots.acquire():  # also keeps pgw_executions_in_flight
+    async with state.slots.acquire(reservation):  # also keeps pgw_executions_in_flight
         return await state.pool.execute(body, runtime=runtime, read_timeout=deadline_s)
 
 
@@ -120,6 +126,7 @@ async def _execute_once(
     *,
     deadline_ms: int,
     lock_ttl_ms: int,
+    reservation: Reservation | None = None,
 ) -> UpstreamAnswer | bytes:
     """Run upstream; identical requests in flight share one run (and its stored answer)."""
     settings = state.settings
@@ -127,7 +134,9 @@ async def _execute_once(
     deadline_s = deadline_ms / 1000
 
     async def run() -> UpstreamAnswer:
-        return await _run_upstream(state, forward, runtime, deadline_s=deadline_s)
+        return await _run_upstream(
+            state, forward, runtime, deadline_s=deadline_s, reservation=reservation
+        )
 
     key = plan.key
     if plan.digest is None or key is None:
@@ -211,14 +220,25 @@ async def execute(request: Request) -> Response:
     # cost a fifth of the request's CPU (bench/, cProfile). The 401/403 answers are the same.
     principal = await authorize(request, "execute")
     state = get_state(request)
-    settings, tenant = state.settings, principal.tenant
-    state.slots.refuse_if_full()  # past the queue: 503 now, not after the body and Redis
+    tenant = principal.tenant
+    reservation = state.slots.reserve()  # past the queue: 503 now, not after body and Redis
+    try:
+        return await _execute_reserved(request, state, tenant, reservation, started)
+    finally:
+        reservation.release()  # unless the run took a slot with it already
+
+
+async def _execute_reserved(
+    request: Request, state: AppState, tenant: Tenant, reservation: Reservation, started: float
+) -> Response:
+    settings = state.settings
     body = await read_json_body(request, settings.max_body_bytes)
     runtime, effective = _effective(state, tenant, body)
     plan = _cache_plan(request, settings, tenant, effective)
     deadline_ms, lease_ttl_ms = _timing(settings, effective)
     admission = await state.gate.admit(tenant, cache_key=plan.lookup_key, lease_ttl_ms=lease_ttl_ms)
     if admission.cached is not None:
+        reservation.release()  # a hit needs no slot
         return _answer(
             state,
             admission,
@@ -229,7 +249,13 @@ async def execute(request: Request) -> Response:
         )
     try:
         result = await _execute_once(
-            state, plan, effective, runtime, deadline_ms=deadline_ms, lock_ttl_ms=lease_ttl_ms
+            state,
+            plan,
+            effective,
+            runtime,
+            deadline_ms=deadline_ms,
+            lock_ttl_ms=lease_ttl_ms,
+            reservation=reservation,
         )
     except GatewayError as exc:
         await state.gate.finish(admission, error=True, cpu_time_ms=0, wall_time_ms=0)
@@ -393,16 +419,34 @@ async def connect(websocket: WebSocket) -> None:
         await close_client(websocket, 4003, "Not yet initialized")
         return
     try:
-        state.slots.refuse_if_full()  # past the queue: refused now, not after Redis
-        runtime, effective = _effective(state, tenant, first)
-        _, lease_ttl_ms = _timing(settings, effective)
+        reservation = state.slots.reserve()  # past the queue: refused now, not after Redis
+    except GatewayError as exc:
+        await notify_error(websocket, exc.message)
+        return
+    try:
+        await _admitted(state, websocket, tenant, first, reservation)
+    finally:
+        reservation.release()  # unless the relay took a slot with it already
+
+
+async def _admitted(
+    state: AppState,
+    websocket: WebSocket,
+    tenant: Tenant,
+    init: dict[str, Any],
+    reservation: Reservation,
+) -> None:
+    """The init through the policy and the limiter, then the interactive run."""
+    try:
+        runtime, effective = _effective(state, tenant, init)
+        _, lease_ttl_ms = _timing(state.settings, effective)
         admission = await state.gate.admit(tenant, cache_key=None, lease_ttl_ms=lease_ttl_ms)
     except GatewayError as exc:
         await notify_error(websocket, exc.message)
         return
     outcome = RelayOutcome()
     try:
-        await _interactive(state, websocket, runtime, effective, outcome)
+        await _interactive(state, websocket, runtime, effective, outcome, reservation)
     except BaseException:
         outcome.error = True
         raise
@@ -422,6 +466,7 @@ async def _interactive(
     runtime: Runtime,
     effective: ExecuteRequest,
     outcome: RelayOutcome,
+    reservation: Reservation,
 ) -> None:
     """Read the client from now on (bounded), wait for a slot, relay; one place closes."""
     settings = state.settings
@@ -429,7 +474,7 @@ async def _interactive(
     reader = asyncio.create_task(read_client(websocket, inbox, settings.max_body_bytes))
 
     async def session() -> tuple[int, str] | None:
-        async with state.slots.acquire():
+        async with state.slots.acquire(reservation):
             upstream = state.pool.candidates(runtime)[0]
             return await relay(
                 websocket,

@@ -464,3 +464,27 @@ class TestOverload:
         slowest = max(took for _, took in answers)
         assert slowest < 0.1, f"the slowest 503 took {slowest * 1000:.0f} ms"
         assert fake.executions == 1  # the one holding the slot; no refused one went up
+
+    async def test_a_burst_from_idle_takes_only_the_slots_and_the_queue(
+        self, make_gateway: GatewayFactory
+    ) -> None:
+        """Places are taken at entry: of 60 requests arriving together at 1 slot + 1 queue
+        place, 58 are refused at once, before any of them paid for its admission."""
+        async with serve_fake(FakePiston(delay=1.0)) as fake:
+            gateway = await make_gateway(piston_urls=[fake.url], max_concurrency=1, max_queue=1)
+            key = await gateway.tenant(rate_limit="1000/minute", max_concurrency=100)
+            # The key known to the process first (its first lookup is a Redis round trip).
+            await gateway.client.get("/api/v2/runtimes", headers={"X-API-Key": key})
+            loop = asyncio.get_running_loop()
+
+            async def timed(i: int) -> tuple[int, float]:
+                started = loop.time()
+                response = await gateway.execute(key, {**PY, "stdin": f"idle burst {i}"})
+                return response.status_code, loop.time() - started
+
+            answers = await asyncio.gather(*(timed(i) for i in range(60)))
+        assert sorted(status for status, _ in answers) == [200, 200] + [503] * 58
+        refused = [took for status, took in answers if status == 503]
+        assert max(refused) < 0.1, f"the slowest 503 took {max(refused) * 1000:.0f} ms"
+        assert fake.executions == 2
+        assert gateway.state.slots.reserved == 0

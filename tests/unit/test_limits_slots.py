@@ -8,6 +8,7 @@ import pytest
 
 from app.errors import ServiceUnavailable
 from app.limits import UpstreamSlots
+from app.limits.slots import Reservation
 from app.metrics import Metrics
 
 
@@ -124,18 +125,42 @@ def test_needs_at_least_one_slot() -> None:
         UpstreamSlots(0, max_queue=1, queue_timeout_ms=1)
 
 
-async def test_refuse_if_full_only_when_no_slot_and_no_place_in_the_queue() -> None:
+async def test_reserve_counts_places_from_entry() -> None:
     metrics = Metrics()
     slots = UpstreamSlots(1, max_queue=1, queue_timeout_ms=5_000, metrics=metrics)
-    slots.refuse_if_full()  # a free slot
-    release = asyncio.Event()
-    holders = [asyncio.create_task(_hold(slots, release, [], n)) for n in range(2)]
-    await asyncio.sleep(0.01)
-    assert (slots.in_flight, slots.waiting) == (1, 1)
+    first, second = slots.reserve(), slots.reserve()  # a slot and the queue, taken at entry
+    assert slots.reserved == 2
+    # Nobody holds a slot yet, but both places are spoken for: the third is refused at once.
     with pytest.raises(ServiceUnavailable) as info:
-        slots.refuse_if_full()
+        slots.reserve()
     assert info.value.headers == {"Retry-After": "1"}
     assert _overloads(metrics) == 1
+
+    release = asyncio.Event()
+    entered: list[int] = []
+
+    async def run(reservation: Reservation, n: int) -> None:
+        async with slots.acquire(reservation):
+            entered.append(n)
+            await release.wait()
+
+    holders = [asyncio.create_task(run(first, 0)), asyncio.create_task(run(second, 1))]
+    await asyncio.sleep(0.01)
+    assert (slots.in_flight, slots.waiting, slots.reserved) == (1, 1, 0)
+    with pytest.raises(ServiceUnavailable):
+        slots.reserve()
     release.set()
     await asyncio.gather(*holders)
-    slots.refuse_if_full()  # free again
+    assert entered == [0, 1]
+    assert (slots.in_flight, slots.waiting, slots.reserved) == (0, 0, 0)
+
+
+async def test_a_released_reservation_gives_its_place_back() -> None:
+    slots = UpstreamSlots(1, max_queue=0, queue_timeout_ms=5_000)
+    hit = slots.reserve()
+    with pytest.raises(ServiceUnavailable):
+        slots.reserve()
+    hit.release()
+    hit.release()  # idempotent: a request releases in its finally whatever happened before
+    assert slots.reserved == 0
+    slots.reserve()
