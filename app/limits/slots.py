@@ -3,7 +3,8 @@
 Pure asyncio: the cap protects this process and the upstreams behind it, so it needs no Redis.
 Past the cap a request waits (first come, first served) in a queue of at most `max_queue`; a
 full queue or a wait longer than `queue_timeout_ms` is a 503 with Retry-After, so an overload is
-answered at once instead of piling up sockets and memory.
+answered at once instead of piling up sockets and memory. A request takes its place at entry
+(`reserve`), so the refusal comes before its own work, not after it.
 """
 
 from __future__ import annotations
