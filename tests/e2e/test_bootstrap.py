@@ -1,0 +1,254 @@
+"""`piston-gateway bootstrap` as a process, against fake Pistons on loopback.
+
+The one place a fake stands in for Piston: no machine here can run Piston's package installs. The
+fakes are real HTTP servers that speak the two endpoints bootstrap uses, `GET /api/v2/runtimes`
+and `POST /api/v2/packages` (with Piston's answers: the installed package on 200, `{"message"}` on
+an error), and record every install request they receive.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from tests.support import ROOT, cli, free_port
+
+
+@dataclass
+class FakePiston:
+    port: int = field(default_factory=free_port)
+    runtimes: list[dict[str, Any]] = field(default_factory=list)
+    installs: list[dict[str, Any]] = field(default_factory=list)
+    # language-version -> (status, message): installs that Piston refuses.
+    refuse: dict[str, tuple[int, str]] = field(default_factory=dict)
+    server: http.server.ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _send(self, status: int, body: Any) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                if self.path == "/api/v2/runtimes":
+                    self._send(200, fake.runtimes)
+                else:
+                    self._send(404, {"message": "not found"})
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                body = json.loads(self.rfile.read(length))
+                if self.path != "/api/v2/packages":
+                    self._send(404, {"message": "not found"})
+                    return
+                fake.installs.append(body)
+                name = f"{body['language']}-{body['version']}"
+                if name in fake.refuse:
+                    status, message = fake.refuse[name]
+                    self._send(status, {"message": message})
+                    return
+                fake.runtimes.append(
+                    {"language": body["language"], "version": body["version"], "aliases": []}
+                )
+                self._send(200, {"language": body["language"], "version": body["version"]})
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+@pytest.fixture
+def pistons() -> Iterator[list[FakePiston]]:
+    fakes = [FakePiston(), FakePiston()]
+    for fake in fakes:
+        fake.start()
+    yield fakes
+    for fake in fakes:
+        fake.stop()
+
+
+def bootstrap(
+    *args: str, urls: list[str], env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    clean["GATEWAY_PISTON_URLS"] = ",".join(urls)
+    clean.update(env or {})
+    return subprocess.run(
+        cli("bootstrap", *args),
+        env=clean,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def verdicts(result: subprocess.CompletedProcess[str]) -> dict[tuple[str, str], str]:
+    """{(upstream, language-version): verdict} from the one line per upstream and runtime."""
+    found: dict[tuple[str, str], str] = {}
+    for line in result.stdout.splitlines():
+        head, sep, verdict = line.partition(": ")
+        words = head.split(" ")
+        if sep and len(words) == 2 and words[0].startswith("http"):
+            if verdict.startswith(("installing", "still installing")):
+                continue
+            assert (words[0], words[1]) not in found, f"two verdicts for {head}:\n{result.stdout}"
+            found[(words[0], words[1])] = verdict
+    return found
+
+
+PYTHON = {"language": "python", "version": "3.10.0"}
+SCALA = {"language": "scala", "version": "3.0.0"}
+
+
+class TestInstalls:
+    def test_missing_runtimes_installed_on_each_upstream_then_nothing_again(
+        self, pistons: list[FakePiston]
+    ) -> None:
+        first, second = pistons
+        first.runtimes.append({**PYTHON, "aliases": ["py"]})  # already there on the first
+        urls = [p.url for p in pistons]
+
+        result = bootstrap("--runtimes", "python=3.10.0,scala=3.0.0", urls=urls)
+
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert first.installs == [SCALA]
+        assert second.installs == [PYTHON, SCALA]
+        assert verdicts(result) == {
+            (first.url, "python-3.10.0"): "already installed",
+            (first.url, "scala-3.0.0"): "installed",
+            (second.url, "python-3.10.0"): "installed",
+            (second.url, "scala-3.0.0"): "installed",
+        }
+        assert f"{second.url} python-3.10.0: installing" in result.stdout  # progress
+
+        again = bootstrap("--runtimes", "python=3.10.0,scala=3.0.0", urls=urls)
+
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert first.installs == [SCALA]  # no new POST
+        assert second.installs == [PYTHON, SCALA]
+        assert set(verdicts(again).values()) == {"already installed"}
+        assert len(verdicts(again)) == 4
+
+    def test_environment_default_when_no_runtimes_option(self, pistons: list[FakePiston]) -> None:
+        (fake, _) = pistons
+        result = bootstrap(urls=[fake.url], env={"GATEWAY_BOOTSTRAP_RUNTIMES": "ruby=3.0.1"})
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert fake.installs == [{"language": "ruby", "version": "3.0.1"}]
+        assert verdicts(result) == {(fake.url, "ruby-3.0.1"): "installed"}
+
+    def test_builtin_default_is_the_seeds_two_runtimes(self, pistons: list[FakePiston]) -> None:
+        (fake, _) = pistons
+        result = bootstrap(urls=[fake.url])
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert fake.installs == [PYTHON, SCALA]
+
+    def test_failed_install_reports_pistons_message_and_fails(
+        self, pistons: list[FakePiston]
+    ) -> None:
+        fake, other = pistons
+        fake.refuse["scala-3.0.0"] = (500, "Checksum miss-match want: abc got: def")
+        result = bootstrap("--runtimes", "python=3.10.0,scala=3.0.0", urls=[fake.url, other.url])
+        assert result.returncode != 0
+        assert verdicts(result) == {
+            (fake.url, "python-3.10.0"): "installed",
+            (fake.url, "scala-3.0.0"): "failed: Checksum miss-match want: abc got: def",
+            (other.url, "python-3.10.0"): "installed",
+            (other.url, "scala-3.0.0"): "installed",
+        }
+        assert "Traceback" not in result.stderr
+
+    def test_unknown_package_reports_pistons_404_message(self, pistons: list[FakePiston]) -> None:
+        (fake, _) = pistons
+        fake.refuse["cobol-9.9.9"] = (404, "Requested package cobol-9.9.9 does not exist")
+        result = bootstrap("--runtimes", "cobol=9.9.9", urls=[fake.url])
+        assert result.returncode == 1
+        assert verdicts(result) == {
+            (fake.url, "cobol-9.9.9"): "failed: Requested package cobol-9.9.9 does not exist"
+        }
+
+    def test_a_concurrent_install_answered_already_installed_counts(
+        self, pistons: list[FakePiston]
+    ) -> None:
+        # Another bootstrap (a second replica) won the race: Piston refuses, but lists it.
+        (fake, _) = pistons
+        fake.refuse["python-3.10.0"] = (500, "python-3.10.0 is already installed")
+        fake.runtimes.append({**PYTHON, "aliases": []})
+        result = bootstrap("--runtimes", "python=3.10.0", urls=[fake.url])
+        assert result.returncode == 0
+        assert verdicts(result) == {(fake.url, "python-3.10.0"): "already installed"}
+
+
+class TestWaiting:
+    def test_waits_for_an_upstream_that_starts_late(self, pistons: list[FakePiston]) -> None:
+        late = FakePiston()
+        timer = threading.Timer(2.0, late.start)
+        timer.start()
+        try:
+            result = bootstrap(
+                "--runtimes", "python=3.10.0", "--wait", "30", urls=[pistons[0].url, late.url]
+            )
+        finally:
+            timer.join()
+            late.stop()
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert late.installs == [PYTHON]
+        assert pistons[0].installs == [PYTHON]
+
+    def test_an_upstream_that_never_answers_fails_with_a_clear_line(
+        self, pistons: list[FakePiston]
+    ) -> None:
+        silent = f"http://127.0.0.1:{free_port()}"
+        result = bootstrap(
+            "--runtimes", "python=3.10.0", "--wait", "1", urls=[pistons[0].url, silent]
+        )
+        assert result.returncode == 1
+        lines = verdicts(result)
+        assert lines[(pistons[0].url, "python-3.10.0")] == "installed"  # the other one proceeds
+        assert lines[(silent, "python-3.10.0")].startswith(
+            "failed: did not answer /api/v2/runtimes within 1 s"
+        )
+        assert "Traceback" not in result.stderr
+
+
+class TestBadInput:
+    @pytest.mark.parametrize("value", ["python", "python=", "=3.10.0", ",", "a=1=2"])
+    def test_bad_runtimes_option_is_one_line(self, value: str) -> None:
+        result = bootstrap("--runtimes", value, urls=["http://127.0.0.1:9"])
+        assert result.returncode == 1
+        assert "Traceback" not in result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith("error: --runtimes: ")
+
+    def test_bad_environment_default_is_one_line(self) -> None:
+        result = bootstrap(urls=["http://127.0.0.1:9"], env={"GATEWAY_BOOTSTRAP_RUNTIMES": "x"})
+        assert result.returncode == 1
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith("error: invalid settings: GATEWAY_BOOTSTRAP_RUNTIMES")
