@@ -12,7 +12,7 @@ from limits import parse_many
 from pydantic import AnyHttpUrl, Field, RedisDsn, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Settings", "StageCaps", "sentinel_address"]
+__all__ = ["RedisSentinelSettings", "Settings", "StageCaps", "sentinel_address"]
 
 NonNegative = Annotated[int, Field(ge=0)]
 Positive = Annotated[int, Field(gt=0)]
@@ -149,3 +149,16 @@ class Settings(BaseSettings):
     def global_caps(self) -> dict[str, int]:
         """The global maximum of each per-request limit, by Piston field name."""
         return {name: getattr(self, f"max_{name}") for name in StageCaps.FIELDS}
+
+
+class RedisSentinelSettings(BaseSettings):
+    """Only the Sentinel fields of Settings, from the same environment: open_redis reads them when
+    its caller passes none, without validating (and failing on) every other setting again."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_file=".env", extra="ignore")
+
+    redis_sentinels: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    redis_sentinel_master: str = "mymaster"
+    redis_sentinel_password: SecretStr | None = None
+
+    _split_sentinels = field_validator("redis_sentinels", mode="before")(_split_commas)
