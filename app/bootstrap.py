@@ -143,9 +143,10 @@ async def _runtimes(client: httpx.AsyncClient, url: str) -> list[Any]:
 class _Waiter:
     """Wait for upstreams, printing how long it has been at most every PROGRESS_EVERY_SECONDS."""
 
-    def __init__(self, echo: Echo, wait: float) -> None:
+    def __init__(self, echo: Echo, wait: float, progress_every: float) -> None:
         self.echo = echo
         self.wait = wait
+        self.progress_every = progress_every
         self.started = time.monotonic()
         self.deadline = self.started + wait
 
@@ -154,7 +155,7 @@ class _Waiter:
     ) -> tuple[list[str], dict[str, str]]:
         """(the upstreams that answered, {upstream: why not} for those that did not in time)."""
         last_error = "no answer yet"
-        next_note = self.started + PROGRESS_EVERY_SECONDS
+        next_note = self.started + self.progress_every
         while True:
             try:
                 upstreams = await asyncio.to_thread(expand_upstreams, urls, resolve)
@@ -174,7 +175,7 @@ class _Waiter:
                 return ready, errors
             if now >= next_note:
                 self.echo(f"waiting for upstreams ({now - self.started:.0f} s): {last_error}")
-                next_note = now + PROGRESS_EVERY_SECONDS
+                next_note = now + self.progress_every
             await asyncio.sleep(min(_POLL_SECONDS, max(self.deadline - now, 0.0)))
 
     @staticmethod
@@ -191,7 +192,7 @@ class _Waiter:
 
 
 async def _install(
-    client: httpx.AsyncClient, url: str, runtime: Runtime, echo: Echo
+    client: httpx.AsyncClient, url: str, runtime: Runtime, echo: Echo, progress_every: float
 ) -> tuple[bool, str]:
     """(on the upstream now, the line's verdict) for one runtime on one upstream."""
     try:
@@ -209,7 +210,7 @@ async def _install(
     )
     task = asyncio.ensure_future(request)
     while True:
-        done, _ = await asyncio.wait({task}, timeout=PROGRESS_EVERY_SECONDS)
+        done, _ = await asyncio.wait({task}, timeout=progress_every)
         if done:
             break
         echo(f"{url} {runtime}: still installing ({time.monotonic() - started:.0f} s)")
@@ -239,10 +240,11 @@ async def bootstrap(
     echo: Echo,
     resolve: Resolver = _resolve,
     transport: httpx.AsyncBaseTransport | None = None,
+    progress_every: float = PROGRESS_EVERY_SECONDS,
 ) -> bool:
     """Install `runtimes` on every upstream; True when every one is on every upstream."""
     async with httpx.AsyncClient(transport=transport) as client:
-        waiter = _Waiter(echo, wait)
+        waiter = _Waiter(echo, wait, progress_every)
         ready, unreachable = await waiter.upstreams(client, urls, resolve)
         ok = True
         for url, why in unreachable.items():
@@ -258,7 +260,7 @@ async def bootstrap(
             # and the progress lines stay readable. Upstreams proceed side by side.
             all_there = True
             for runtime in runtimes:
-                there, verdict = await _install(client, url, runtime, echo)
+                there, verdict = await _install(client, url, runtime, echo, progress_every)
                 echo(f"{url} {runtime}: {verdict}")
                 all_there = all_there and there
             return all_there

@@ -165,6 +165,9 @@ def bootstrap(
     wait: float = typer.Option(
         300, min=0, help="Seconds to wait for every upstream to answer /api/v2/runtimes."
     ),
+    progress_every: float = typer.Option(
+        10, min=0.1, help="Seconds between progress lines while waiting or installing."
+    ),
 ) -> None:
     """Install runtimes on every upstream in GATEWAY_PISTON_URLS (only what is missing)."""
     import asyncio
@@ -196,7 +199,9 @@ def bootstrap(
     echo(
         f"bootstrap: {names} on {', '.join(u.rstrip('/') for u in urls)} (waiting up to {wait:g} s)"
     )
-    if not asyncio.run(run_bootstrap(urls, wanted, wait=wait, echo=echo)):
+    if not asyncio.run(
+        run_bootstrap(urls, wanted, wait=wait, echo=echo, progress_every=progress_every)
+    ):
         raise typer.Exit(code=1)
 
 

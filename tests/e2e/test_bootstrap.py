@@ -13,12 +13,15 @@ import json
 import os
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from app.cli import app
 from tests.support import ROOT, cli, free_port
 
 
@@ -29,6 +32,7 @@ class FakePiston:
     installs: list[dict[str, Any]] = field(default_factory=list)
     # language-version -> (status, message): installs that Piston refuses.
     refuse: dict[str, tuple[int, str]] = field(default_factory=dict)
+    install_seconds: float = 0.0  # how long an install takes (a real one: minutes)
     server: http.server.ThreadingHTTPServer | None = None
 
     @property
@@ -60,6 +64,7 @@ class FakePiston:
                     self._send(404, {"message": "not found"})
                     return
                 fake.installs.append(body)
+                time.sleep(fake.install_seconds)
                 name = f"{body['language']}-{body['version']}"
                 if name in fake.refuse:
                     status, message = fake.refuse[name]
@@ -93,24 +98,40 @@ def pistons() -> Iterator[list[FakePiston]]:
         fake.stop()
 
 
+@dataclass
+class Outcome:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
 def bootstrap(
-    *args: str, urls: list[str], env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    clean["GATEWAY_PISTON_URLS"] = ",".join(urls)
-    clean.update(env or {})
-    return subprocess.run(
+    *args: str, urls: list[str], env: dict[str, str] | None = None, process: bool = False
+) -> Outcome:
+    """The `bootstrap` command with GATEWAY_PISTON_URLS=urls: in this process through typer's
+    runner (the same command code; a new interpreter costs seconds), or as a real process."""
+    environment: dict[str, str | None] = {k: None for k in os.environ if k.startswith("GATEWAY_")}
+    environment["GATEWAY_PISTON_URLS"] = ",".join(urls)
+    environment.update(env or {})
+    if not process:
+        result = CliRunner().invoke(app, ["bootstrap", *args], env=environment)
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return Outcome(result.exit_code, result.stdout, result.stderr)
+    clean = {k: v for k, v in {**os.environ, **environment}.items() if v is not None}
+    done = subprocess.run(
         cli("bootstrap", *args),
         env=clean,
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=60,
         check=False,
     )
+    return Outcome(done.returncode, done.stdout, done.stderr)
 
 
-def verdicts(result: subprocess.CompletedProcess[str]) -> dict[tuple[str, str], str]:
+def verdicts(result: Outcome) -> dict[tuple[str, str], str]:
     """{(upstream, language-version): verdict} from the one line per upstream and runtime."""
     found: dict[tuple[str, str], str] = {}
     for line in result.stdout.splitlines():
@@ -166,7 +187,7 @@ class TestInstalls:
 
     def test_builtin_default_is_the_seeds_two_runtimes(self, pistons: list[FakePiston]) -> None:
         (fake, _) = pistons
-        result = bootstrap(urls=[fake.url])
+        result = bootstrap(urls=[fake.url], process=True)  # the console script, for real
         assert result.returncode == 0, result.stdout + result.stderr
         assert fake.installs == [PYTHON, SCALA]
 
@@ -188,8 +209,8 @@ class TestInstalls:
     def test_unknown_package_reports_pistons_404_message(self, pistons: list[FakePiston]) -> None:
         (fake, _) = pistons
         fake.refuse["cobol-9.9.9"] = (404, "Requested package cobol-9.9.9 does not exist")
-        result = bootstrap("--runtimes", "cobol=9.9.9", urls=[fake.url])
-        assert result.returncode == 1
+        result = bootstrap("--runtimes", "cobol=9.9.9", urls=[fake.url], process=True)
+        assert result.returncode == 1  # the process's exit status
         assert verdicts(result) == {
             (fake.url, "cobol-9.9.9"): "failed: Requested package cobol-9.9.9 does not exist"
         }
@@ -205,6 +226,20 @@ class TestInstalls:
         assert result.returncode == 0
         assert verdicts(result) == {(fake.url, "python-3.10.0"): "already installed"}
 
+    def test_a_long_install_shows_progress(self, pistons: list[FakePiston]) -> None:
+        (fake, _) = pistons
+        fake.install_seconds = 1.5
+        result = bootstrap(
+            "--runtimes", "python=3.10.0", "--progress-every", "0.3", urls=[fake.url]
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        lines = result.stdout.splitlines()
+        started = lines.index(f"{fake.url} python-3.10.0: installing (this can take minutes)")
+        still = [i for i, line in enumerate(lines) if "python-3.10.0: still installing (" in line]
+        done = lines.index(f"{fake.url} python-3.10.0: installed")
+        assert still, result.stdout
+        assert started < still[0] < done
+
 
 class TestWaiting:
     def test_waits_for_an_upstream_that_starts_late(self, pistons: list[FakePiston]) -> None:
@@ -213,7 +248,13 @@ class TestWaiting:
         timer.start()
         try:
             result = bootstrap(
-                "--runtimes", "python=3.10.0", "--wait", "30", urls=[pistons[0].url, late.url]
+                "--runtimes",
+                "python=3.10.0",
+                "--wait",
+                "30",
+                "--progress-every",
+                "0.5",
+                urls=[pistons[0].url, late.url],
             )
         finally:
             timer.join()
@@ -221,6 +262,8 @@ class TestWaiting:
         assert result.returncode == 0, result.stdout + result.stderr
         assert late.installs == [PYTHON]
         assert pistons[0].installs == [PYTHON]
+        assert "waiting for upstreams (" in result.stdout  # progress while it waits
+        assert verdicts(result)[(late.url, "python-3.10.0")] == "installed"
 
     def test_an_upstream_that_never_answers_fails_with_a_clear_line(
         self, pistons: list[FakePiston]
@@ -241,14 +284,19 @@ class TestWaiting:
 class TestBadInput:
     @pytest.mark.parametrize("value", ["python", "python=", "=3.10.0", ",", "a=1=2"])
     def test_bad_runtimes_option_is_one_line(self, value: str) -> None:
-        result = bootstrap("--runtimes", value, urls=["http://127.0.0.1:9"])
+        # As a process for the first (no traceback on a real stderr), in this one for the rest.
+        result = bootstrap(
+            "--runtimes", value, urls=["http://127.0.0.1:9"], process=value == "python"
+        )
         assert result.returncode == 1
         assert "Traceback" not in result.stderr
         (line,) = result.stderr.strip().splitlines()
         assert line.startswith("error: --runtimes: ")
 
     def test_bad_environment_default_is_one_line(self) -> None:
-        result = bootstrap(urls=["http://127.0.0.1:9"], env={"GATEWAY_BOOTSTRAP_RUNTIMES": "x"})
+        result = bootstrap(
+            urls=["http://127.0.0.1:9"], env={"GATEWAY_BOOTSTRAP_RUNTIMES": "x"}, process=True
+        )
         assert result.returncode == 1
         (line,) = result.stderr.strip().splitlines()
         assert line.startswith("error: invalid settings: GATEWAY_BOOTSTRAP_RUNTIMES")
