@@ -154,7 +154,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     pool = PistonPool(
         [str(url) for url in settings.piston_urls],
         connect_timeout=settings.upstream_connect_timeout_ms / 1000,
-        refresh_seconds=settings.runtimes_refresh_seconds,
+        health_seconds=settings.health_check_seconds,
+        discovery_seconds=settings.discovery_seconds,
         metrics=metrics,
         transport=app.state.upstream_transport,
     )

@@ -9,13 +9,16 @@ import ipaddress
 from typing import Annotated, Literal
 
 from limits import parse_many
-from pydantic import AnyHttpUrl, Field, RedisDsn, SecretStr, field_validator
+from pydantic import AnyHttpUrl, AnyUrl, Field, RedisDsn, SecretStr, UrlConstraints, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["RedisSentinelSettings", "Settings", "StageCaps", "sentinel_address"]
 
 NonNegative = Annotated[int, Field(ge=0)]
 Positive = Annotated[int, Field(gt=0)]
+# `dns+http://NAME:PORT`: every address NAME resolves to is an upstream (app.piston.discovery).
+DnsHttpUrl = Annotated[AnyUrl, UrlConstraints(allowed_schemes=["dns+http"], host_required=True)]
+_LOCAL_ENGINE: list[AnyHttpUrl | AnyUrl] = [AnyHttpUrl("http://127.0.0.1:2000")]
 
 
 def _split_commas(value: object) -> object:
@@ -53,8 +56,8 @@ class Settings(BaseSettings):
     )
 
     # Upstreams and stores.
-    piston_urls: Annotated[list[AnyHttpUrl], NoDecode] = Field(
-        default_factory=lambda: [AnyHttpUrl("http://127.0.0.1:2000")], min_length=1
+    piston_urls: Annotated[list[AnyHttpUrl | DnsHttpUrl], NoDecode] = Field(
+        default_factory=lambda: _LOCAL_ENGINE.copy(), min_length=1
     )
     redis_url: RedisDsn | None = None
     admin_key: SecretStr | None = None
@@ -117,6 +120,16 @@ class Settings(BaseSettings):
     def _languages_lowercase(cls, value: list[str]) -> list[str]:
         return [item.lower() for item in value] or ["*"]
 
+    @property
+    def global_caps(self) -> dict[str, int]:
+        """The global maximum of each per-request limit, by Piston field name."""
+        return {name: getattr(self, f"max_{name}") for name in StageCaps.FIELDS}
+
+    # Upstream pool: health checks and DNS discovery. A probe every `health_check_seconds`,
+    # bounded at 2 s: at most 3 s keeps "unhealthy within 5 s" (interval + 2 s) true.
+    health_check_seconds: float = Field(default=1.0, gt=0, le=3.0)
+    discovery_seconds: float = Field(default=10.0, gt=0)
+
     # Production path (issue 14): `piston-gateway bootstrap` and Redis through Sentinel.
     # The runtimes `bootstrap` installs on every upstream when --runtimes is not given.
     bootstrap_runtimes: str = "python=3.10.0,scala=3.0.0"
@@ -144,11 +157,6 @@ class Settings(BaseSettings):
         for entry in value:
             sentinel_address(entry)
         return value
-
-    @property
-    def global_caps(self) -> dict[str, int]:
-        """The global maximum of each per-request limit, by Piston field name."""
-        return {name: getattr(self, f"max_{name}") for name in StageCaps.FIELDS}
 
 
 class RedisSentinelSettings(BaseSettings):

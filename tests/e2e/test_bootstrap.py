@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from app.bootstrap import expand_upstreams
 from app.cli import app
 from tests.support import ROOT, cli, free_port
 
@@ -33,6 +35,7 @@ class FakePiston:
     # language-version -> (status, message): installs that Piston refuses.
     refuse: dict[str, tuple[int, str]] = field(default_factory=dict)
     install_seconds: float = 0.0  # how long an install takes (a real one: minutes)
+    host: str = "127.0.0.1"  # "::" listens on every IPv6 and (v4-mapped) IPv4 address
     server: http.server.ThreadingHTTPServer | None = None
 
     @property
@@ -78,7 +81,10 @@ class FakePiston:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        server_class = http.server.ThreadingHTTPServer
+        if ":" in self.host:
+            server_class = type("Server6", (server_class,), {"address_family": socket.AF_INET6})
+        self.server = server_class((self.host, self.port), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def stop(self) -> None:
@@ -239,6 +245,19 @@ class TestInstalls:
         done = lines.index(f"{fake.url} python-3.10.0: installed")
         assert still, result.stdout
         assert started < still[0] < done
+
+    def test_a_dns_entry_stands_for_every_address_it_resolves_to(self) -> None:
+        fake = FakePiston(host="::")
+        fake.start()
+        try:
+            entry = f"dns+http://localhost:{fake.port}"
+            addresses = expand_upstreams([entry])
+            assert f"http://127.0.0.1:{fake.port}" in addresses
+            result = bootstrap("--runtimes", "python=3.10.0", urls=[entry])
+        finally:
+            fake.stop()
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert set(verdicts(result)) == {(url, "python-3.10.0") for url in addresses}
 
 
 class TestWaiting:

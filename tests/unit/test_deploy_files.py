@@ -714,6 +714,17 @@ class TestKubernetesProduction:
             service["spec"]["selector"], statefulset["spec"]["template"]["metadata"]["labels"]
         )
 
+    def test_the_configmap_is_valid_settings(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # As the gateway reads it (environment variables): a typo would fail every pod's boot.
+        for key in [k for k in os.environ if k.startswith("GATEWAY_")]:
+            monkeypatch.delenv(key)
+        for key, value in config_map_env().items():
+            monkeypatch.setenv(key, value)
+        settings = Settings()
+        assert [str(url).rstrip("/") for url in settings.piston_urls] == (
+            config_map_env()["GATEWAY_PISTON_URLS"].split(",")
+        )
+
     def test_gateway_discovers_piston_through_the_headless_service(self) -> None:
         urls = config_map_env()["GATEWAY_PISTON_URLS"].split(",")
         service = k8s_one("StatefulSet", "piston")["spec"]["serviceName"]
