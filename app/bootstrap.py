@@ -154,27 +154,24 @@ class _Waiter:
         self, client: httpx.AsyncClient, urls: Sequence[str], resolve: Resolver
     ) -> tuple[list[str], dict[str, str]]:
         """(the upstreams that answered, {upstream: why not} for those that did not in time)."""
-        last_error = "no answer yet"
         next_note = self.started + self.progress_every
         while True:
-            try:
-                upstreams = await asyncio.to_thread(expand_upstreams, urls, resolve)
-            except OSError as exc:
-                upstreams, last_error = [], _describe(exc)
-            if upstreams:
-                errors = await self._probe(client, upstreams)
-                if not errors:
-                    return upstreams, {}
-                last_error = "; ".join(f"{u}: {e}" for u, e in errors.items())
+            upstreams: list[str] = []
+            errors: dict[str, str] = {}
+            for url in urls:  # each entry on its own: one name not resolving holds back no other
+                try:
+                    upstreams += await asyncio.to_thread(expand_upstreams, [url], resolve)
+                except OSError as exc:
+                    errors[url.rstrip("/")] = _describe(exc)
+            errors |= await self._probe(client, upstreams)
+            if not errors:
+                return upstreams, {}
             now = time.monotonic()
             if now >= self.deadline:
-                if not upstreams:  # a dns+ name that never resolved
-                    upstreams = [url.rstrip("/") for url in urls]
-                    errors = {url: last_error for url in upstreams}
-                ready = [u for u in upstreams if u not in errors]
-                return ready, errors
+                return [u for u in upstreams if u not in errors], errors
             if now >= next_note:
-                self.echo(f"waiting for upstreams ({now - self.started:.0f} s): {last_error}")
+                why = "; ".join(f"{u}: {e}" for u, e in errors.items())
+                self.echo(f"waiting for upstreams ({now - self.started:.0f} s): {why}")
                 next_note = now + self.progress_every
             await asyncio.sleep(min(_POLL_SECONDS, max(self.deadline - now, 0.0)))
 

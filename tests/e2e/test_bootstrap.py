@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from app.bootstrap import expand_upstreams
+from app.bootstrap import Runtime, expand_upstreams
+from app.bootstrap import bootstrap as run_bootstrap
 from app.cli import app
 from tests.support import ROOT, cli, free_port
 
@@ -143,7 +144,7 @@ def verdicts(result: Outcome) -> dict[tuple[str, str], str]:
     for line in result.stdout.splitlines():
         head, sep, verdict = line.partition(": ")
         words = head.split(" ")
-        if sep and len(words) == 2 and words[0].startswith("http"):
+        if sep and len(words) == 2 and words[0].startswith(("http:", "dns+http:")):
             if verdict.startswith(("installing", "still installing")):
                 continue
             assert (words[0], words[1]) not in found, f"two verdicts for {head}:\n{result.stdout}"
@@ -298,6 +299,28 @@ class TestWaiting:
             "failed: did not answer /api/v2/runtimes within 1 s"
         )
         assert "Traceback" not in result.stderr
+
+    async def test_a_name_that_never_resolves_holds_back_no_other_upstream(
+        self, pistons: list[FakePiston]
+    ) -> None:
+        def resolve(host: str, port: int) -> list[str]:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+        lines: list[str] = []
+        ok = await run_bootstrap(
+            [pistons[0].url, "dns+http://piston-headless.nowhere:2000"],
+            [Runtime("python", "3.10.0")],
+            wait=1,
+            echo=lines.append,
+            resolve=resolve,
+        )
+        assert ok is False
+        found = verdicts(Outcome(1, "\n".join(lines), ""))
+        assert found[(pistons[0].url, "python-3.10.0")] == "installed"
+        assert found[("dns+http://piston-headless.nowhere:2000", "python-3.10.0")] == (
+            "failed: did not answer /api/v2/runtimes within 1 s"
+            " (does not resolve (Name or service not known))"
+        )
 
 
 class TestBadInput:
