@@ -16,6 +16,7 @@ __all__ = ["Settings", "StageCaps"]
 
 NonNegative = Annotated[int, Field(ge=0)]
 Positive = Annotated[int, Field(gt=0)]
+PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 def _split_commas(value: object) -> object:
@@ -87,6 +88,11 @@ class Settings(BaseSettings):
     # HTTP surface.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Connections (uvicorn, app/server.py): idle keep-alive, the request head, the whole body.
+    keepalive_seconds: PositiveSeconds = 5
+    header_timeout_seconds: PositiveSeconds = 10
+    body_timeout_seconds: PositiveSeconds = 30
+    max_connections: Positive = 4096
 
     _split = field_validator(
         "piston_urls", "allowed_languages", "cors_origins", "trusted_proxies", mode="before"
