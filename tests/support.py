@@ -150,6 +150,8 @@ class LogScan:
         self.logs.setdefault(path, (label, 0))
 
     def record(self, label: str, text: str) -> None:
+        """Captured stderr of a command (its user-facing `error: ...` lines are not JSON logs:
+        it is scanned for keys only)."""
         self.texts.append((label, text))
 
     def secret(self, value: str) -> None:
@@ -169,11 +171,11 @@ class LogScan:
             self.logs[path] = (label, offset + len(complete))
             found += self._check(label, complete.decode(errors="replace"))
         for label, text in self.texts:
-            found += self._check(label, text)
+            found += self._check(label, text, json_lines=False)
         self.texts.clear()
         return found
 
-    def _check(self, label: str, text: str) -> list[str]:
+    def _check(self, label: str, text: str, *, json_lines: bool = True) -> list[str]:
         found = []
         for line in text.splitlines():
             if not line.strip():
@@ -181,6 +183,8 @@ class LogScan:
             leaked = [s for s in self.secrets if s in line] + _KEY_LIKE.findall(line)
             if leaked:
                 found.append(f"{label}: a key in a log line: {line[:300]}")
+            if not json_lines:
+                continue
             try:
                 parsed = json.loads(line)
             except ValueError:
@@ -196,6 +200,20 @@ LOG_SCAN = LogScan()
 def cli(*args: str) -> list[str]:
     """argv that runs the project's console script with the suite's interpreter."""
     return [sys.executable, "-m", "app", *args]
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run a `piston-gateway` command; its stderr goes to the log scan, a key it prints on
+    stdout (`keys create`) becomes a secret no log may show."""
+    result = subprocess.run(
+        cli(*args), env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    LOG_SCAN.record(f"cli {' '.join(args[:2])}", result.stderr)
+    for key in _KEY_LIKE.findall(result.stdout):
+        LOG_SCAN.secret(key)
+    return result
 
 
 def start_engine(port: int | None = None, env: dict[str, str] | None = None) -> Service:
