@@ -130,8 +130,8 @@ class TestIdleConnections:
         before_fds, before_rss = fds(service), rss_kib(service)
         sockets = [connect(service) for _ in range(COUNT)]
         try:
-            wait_until(lambda: fds(service) >= before_fds + COUNT, 5, "the server accepts them")
-            # GATEWAY_HEADER_TIMEOUT_SECONDS=1: no head within 1 s, the server hangs up.
+            # GATEWAY_HEADER_TIMEOUT_SECONDS=1: no head within 1 s, the server hangs up on each
+            # (a socket it never accepted would not see EOF) and gives its descriptor back.
             wait_until(lambda: fds(service) <= before_fds + 5, 10, "idle sockets closed")
             assert all(closed_by_server(sock, 5) for sock in sockets)
         finally:
@@ -146,7 +146,6 @@ class TestIdleConnections:
         try:
             for sock in sockets:
                 sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\nX-Half: ")
-            wait_until(lambda: fds(service) >= before_fds + COUNT, 5, "the server accepts them")
             wait_until(lambda: fds(service) <= before_fds + 5, 10, "half heads closed")
             assert all(closed_by_server(sock, 5) for sock in sockets)
         finally:
