@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from websockets.asyncio.client import connect as ws_connect
 
 from tests.e2e.conftest import E2E_ADMIN_KEY
 from tests.support import Service, mint_key, start_gateway
@@ -321,17 +322,35 @@ class TestContentType:
 
 
 class TestConnectionCap:
-    def test_past_the_cap_new_connections_get_503_and_are_not_held(self, engine: Service) -> None:
+    async def test_past_the_cap_new_connections_get_503_and_are_not_held(
+        self, engine: Service
+    ) -> None:
         cap = 50
         service = start_gateway(
             redis_url=None,
             piston_url=engine.url,
+            admin_key=E2E_ADMIN_KEY,
             env={"GATEWAY_MAX_CONNECTIONS": str(cap), "GATEWAY_HEADER_TIMEOUT_SECONDS": "30"},
         )
+        key = mint_key(service, E2E_ADMIN_KEY, "capped", rate_limit="1000/minute")
         held: list[socket.socket] = []
+        url = service.url.replace("http://", "ws://") + f"/api/v2/connect?api_key={key}"
         try:
             before_fds = fds(service)
-            held = [connect(service) for _ in range(cap)]
+            # A WebSocket counts as one of the cap's connections: a program that runs a while.
+            websocket = await ws_connect(url, proxy=None)
+            await websocket.send(
+                json.dumps(
+                    {
+                        "type": "init",
+                        "language": "python",
+                        "version": "*",
+                        "files": [{"content": "import time; time.sleep(10)"}],
+                    }
+                )
+            )
+            assert json.loads(await websocket.recv())["type"] == "runtime"
+            held = [connect(service) for _ in range(cap - 1)]
             wait_until(lambda: fds(service) >= before_fds + cap, 5, "the cap's sockets held")
             refused = [connect(service) for _ in range(COUNT)]
             for sock in refused:
@@ -343,10 +362,14 @@ class TestConnectionCap:
             wait_until(lambda: fds(service) <= before_fds + cap + 5, 5, "refused ones released")
             # One of the held ones leaves: a new connection is served again.
             held.pop().close()
-            wait_until(lambda: fds(service) < before_fds + cap, 5, "a slot freed")
-            with connect(service) as sock:
-                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
-                assert read_answer(sock)[0] == 200
+
+            def served() -> bool:
+                with connect(service) as sock:
+                    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+                    return read_answer(sock)[0] == 200
+
+            wait_until(served, 5, "a new connection served once one left")
+            await websocket.close()
         finally:
             for sock in held:
                 sock.close()
