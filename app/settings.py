@@ -16,7 +16,6 @@ __all__ = ["Settings", "StageCaps"]
 
 NonNegative = Annotated[int, Field(ge=0)]
 Positive = Annotated[int, Field(gt=0)]
-PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 def _split_commas(value: object) -> object:
@@ -89,9 +88,9 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Connections (uvicorn, app/server.py): idle keep-alive, the request head, the whole body.
-    keepalive_seconds: PositiveSeconds = 5
-    header_timeout_seconds: PositiveSeconds = 10
-    body_timeout_seconds: PositiveSeconds = 30
+    keepalive_seconds: float = Field(default=5, gt=0, allow_inf_nan=False)
+    header_timeout_seconds: float = Field(default=10, gt=0, allow_inf_nan=False)
+    body_timeout_seconds: float = Field(default=30, gt=0, allow_inf_nan=False)
     max_connections: Positive = 4096
 
     _split = field_validator(
