@@ -38,10 +38,15 @@ def serve(
     ),
 ) -> None:
     """Run the gateway (uvicorn). Settings come from GATEWAY_* variables or .env."""
+    import shutil
+    import tempfile
+
     import uvicorn
     from pydantic import ValidationError
 
     from app.logging import configure_logging
+    from app.metrics import MULTIPROC_DIR_VARIABLE
+    from app.server import uvicorn_options
     from app.settings import Settings
 
     try:
@@ -50,17 +55,29 @@ def serve(
         raise _fail(f"invalid settings:\n{exc}") from None
     configure_logging(settings.log_level)
     os.environ["PGW_JSON_LOGS"] = "1"  # worker processes configure the same JSON logs
-    uvicorn.run(
-        "app.main:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        proxy_headers=False,  # X-Forwarded-For is trusted only per GATEWAY_TRUSTED_PROXIES
-    )
+    processes = workers or int(os.environ.get("WEB_CONCURRENCY") or 1)
+    metrics_dir = None
+    if processes > 1 and not os.environ.get(MULTIPROC_DIR_VARIABLE):
+        # Each worker writes its metrics here and a scrape sums them (app/metrics.py); the
+        # directory is this run's own, made empty and removed when serve stops.
+        metrics_dir = tempfile.mkdtemp(prefix="pgw-metrics-")
+        os.environ[MULTIPROC_DIR_VARIABLE] = metrics_dir
+    try:
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            proxy_headers=False,  # X-Forwarded-For is trusted only per GATEWAY_TRUSTED_PROXIES
+            **uvicorn_options(settings),
+        )
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @app.command()

