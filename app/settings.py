@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # Tenancy (keys, the gate and Redis outages).
+    # How long a key this process verified keeps working while Redis is unreachable.
+    key_cache_outage_seconds: NonNegative = 300
+
     _split = field_validator(
         "piston_urls", "allowed_languages", "cors_origins", "trusted_proxies", mode="before"
     )(_split_commas)

@@ -206,6 +206,8 @@ async def execute(request: Request) -> Response:
     plan = _cache_plan(request, settings, tenant, effective)
     deadline_ms, lease_ttl_ms = _timing(settings, effective)
     admission = await state.gate.admit(tenant, cache_key=plan.lookup_key, lease_ttl_ms=lease_ttl_ms)
+    if admission.degraded:  # Redis unreachable, failing open: no shared cache, no shared flight
+        plan = _CachePlan(CacheMode(lookup=False, store=False, label="BYPASS"), None)
     if admission.cached is not None:
         return _answer(
             state,
