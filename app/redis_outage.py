@@ -18,7 +18,7 @@ from typing import Final
 
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from app.errors import ServiceUnavailable
 
@@ -38,6 +38,8 @@ OUTAGE_ERRORS: Final = (RedisError, OSError, TimeoutError)
 REDIS_DEADLINE_S: Final = 1.0
 _PROBE_INTERVAL_S: Final = 0.25
 _RETRY_AFTER: Final = "2"
+# An error answer (Redis is there, a command failed) is logged at most this often.
+_ERROR_LOG_INTERVAL_S: Final = 30.0
 
 
 class RedisUnavailable(ServiceUnavailable):
@@ -59,6 +61,7 @@ class RedisOutage:
         self._since: float | None = None  # monotonic time the outage started
         self._probe: asyncio.Task[None] | None = None
         self._closed = False
+        self._last_error_log = -_ERROR_LOG_INTERVAL_S
 
     @property
     def active(self) -> bool:
@@ -66,6 +69,14 @@ class RedisOutage:
 
     def failed(self, exc: BaseException, *, by: str) -> None:
         """Redis did not answer `by`: start the outage (once) and probe until it answers."""
+        if isinstance(exc, ResponseError):
+            # Redis answered, with an error: not an outage (the others' calls still work),
+            # but worth a line, not one per request.
+            now = time.monotonic()
+            if now - self._last_error_log >= _ERROR_LOG_INTERVAL_S:
+                self._last_error_log = now
+                log.error("redis_error_answer", error=str(exc)[:200], detected_by=by)
+            return
         if self._since is not None or self._closed:
             return
         self._since = time.monotonic()

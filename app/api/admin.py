@@ -144,8 +144,10 @@ async def update_tenant(tenant_id: str, request: Request, state: StateDep) -> Te
     responses=message_responses(404),
 )
 async def delete_tenant(tenant_id: str, state: StateDep) -> Response:
-    """Delete a tenant and revoke all its keys."""
+    """Delete a tenant, revoking all its keys and dropping its usage and counters."""
+    tenant = await _existing_tenant(state, tenant_id)
     await state.store.delete_tenant(tenant_id)
+    await state.gate.forget(tenant)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

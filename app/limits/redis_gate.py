@@ -404,6 +404,28 @@ class RedisGate:
         except OUTAGE_ERRORS as exc:
             self._outage.failed(exc, by="cache_store")
 
+    async def forget(self, tenant: Tenant) -> None:
+        """Delete a deleted tenant's usage and counters, so its id starts from zero if reused.
+
+        Found by SCAN rather than computed: the windows of every limit the tenant ever had
+        (a PATCH changes the key names) go too. An admin operation, rare, so the scan is fine.
+        """
+        patterns = [
+            f"{USAGE}{tenant.id}:*",
+            f"{QUOTA}{tenant.id}:*",
+            f"{RATE_LIMIT}*/{tenant.id}/*",  # <strategy>/<tenant>/<amount>/<n>/<unit>
+        ]
+        if self._outage.active:
+            raise RedisUnavailable("deleting the tenant's usage")
+        try:
+            names: list[bytes | str] = [f"{CONCURRENCY}{tenant.id}"]
+            for pattern in patterns:
+                names += [name async for name in self._redis.scan_iter(match=pattern, count=1000)]
+            await self._redis.unlink(*names)
+        except OUTAGE_ERRORS as exc:
+            self._outage.failed(exc, by="usage")
+            raise RedisUnavailable("deleting the tenant's usage") from None
+
     async def usage(self, tenant_id: str, days: int = 7) -> list[dict[str, object]]:
         """The contract's per-day usage, today first, zeros for days with nothing counted."""
         dates = usage_days(time.time(), days)

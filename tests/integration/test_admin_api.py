@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, Gateway
+from tests.conftest import ADMIN_KEY, Gateway, GatewayFactory
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
@@ -292,6 +292,28 @@ class TestDeleteTenant:
     async def test_delete_unknown_is_404(self, gateway: Gateway) -> None:
         response = await _admin(gateway, "DELETE", "/tenants/nobody")
         assert response.status_code == 404
+
+    @pytest.mark.parametrize("redis", [True, False], ids=["redis", "in-process"])
+    async def test_recreated_tenant_starts_from_zero(
+        self, make_gateway: GatewayFactory, redis: bool
+    ) -> None:
+        """Its usage, rate-limit window, daily quota and concurrency all go with the tenant."""
+        gateway = await make_gateway(**({} if redis else {"redis_url": None}))
+        body = {"language": "python", "version": "*", "files": [{"content": "print(3)"}]}
+        policy = {"rate_limit": "2/hour", "daily_quota": 2, "max_concurrency": 1}
+        key = await gateway.tenant("acme", **policy)
+        for stdin in ("a", "b"):
+            assert (await gateway.execute(key, {**body, "stdin": stdin})).status_code == 200
+        assert (await gateway.execute(key, {**body, "stdin": "c"})).status_code == 429
+        assert (await _admin(gateway, "DELETE", "/tenants/acme")).status_code == 204
+
+        key = await gateway.tenant("acme", **policy)
+        usage = (await _admin(gateway, "GET", "/tenants/acme/usage")).json()["days"][0]
+        assert usage["executions"] == 0
+        assert usage["rate_limited"] == 0
+        first = await gateway.execute(key, {**body, "stdin": "d"})
+        assert first.status_code == 200, first.text
+        assert first.headers["x-ratelimit-remaining"] == "1"
 
 
 class TestUsage:
