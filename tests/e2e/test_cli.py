@@ -112,6 +112,15 @@ class TestTenants:
             (("tenants", "create", "Bad Id"), "is not a tenant id"),
             (("tenants", "create", "x1", "--rate-limit", "lots"), "rate_limit"),
             (("tenants", "create", "x2", "--max-concurrency", "0"), "max_concurrency"),
+            (("tenants", "create", "x3", "--max-concurrency", "9" * 25), "max_concurrency"),
+            (("tenants", "create", "x4", "--daily-quota", str(2**64)), "daily_quota"),
+            (
+                ("tenants", "create", "x5", "--max-run-timeout", "999999"),
+                "max_run_timeout: 999999 is above the global maximum of 3000",
+            ),
+            (("tenants", "create", "x6", "--rate-limit", "0/minute"), "allows no request"),
+            (("tenants", "create", "x7", "--rate-limit", "1/0 second"), "window of 0"),
+            (("tenants", "delete", "nobody"), "tenant 'nobody' does not exist"),
             (("tenants", "show", "nobody"), "tenant 'nobody' does not exist"),
         ],
     )
@@ -179,6 +188,8 @@ class TestKeys:
         [
             (("keys", "create", "nobody"), "tenant 'nobody' does not exist"),
             (("keys", "create", "cli-keys", "--expires-in", "soon"), "--expires-in"),
+            (("keys", "create", "cli-keys", "--expires-in", "99999999d"), "100 years"),
+            (("keys", "create", "cli-keys", "--expires-in", "9" * 30 + "w"), "100 years"),
             (("keys", "list", "nobody"), "tenant 'nobody' does not exist"),
             (
                 ("keys", "revoke", "key_0000000000000000"),
