@@ -187,8 +187,10 @@ class Authenticator:
                 self._outage.failed(exc, by="key_lookup")
             else:
                 self._outage.succeeded()
-                if entry is None:
-                    self._cache.pop(digest, None)  # gone from Redis: the stale entry goes too
+                if entry is None or not entry.key.usable():
+                    # Gone, revoked or expired in Redis: the stale entry must not outlive it
+                    # (it would be served again during an outage).
+                    self._cache.pop(digest, None)
                 return entry
         elif not self._caching:
             return await self._fetch(digest)
