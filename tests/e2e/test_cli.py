@@ -127,6 +127,28 @@ class TestTenants:
     def test_errors(self, redis_url: str, args: tuple[str, ...], message: str) -> None:
         _assert_one_line_error(run(*args, redis_url=redis_url), message)
 
+    def test_delete_then_recreate_starts_from_zero(self, server: Service, redis_url: str) -> None:
+        body = {"language": "python", "version": "*", "files": [{"content": "print(5)"}]}
+
+        def execute(key: str, stdin: str) -> int:
+            return httpx.post(
+                f"{server.url}/api/v2/execute",
+                json={**body, "stdin": stdin},
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=30,
+            ).status_code
+
+        ok("tenants", "create", "cli-reborn", "--daily-quota", "1", redis_url=redis_url)
+        key = ok("keys", "create", "cli-reborn", redis_url=redis_url).strip()
+        assert execute(key, "a") == 200
+        assert execute(key, "b") == 429  # the day's quota is spent
+        ok("tenants", "delete", "cli-reborn", redis_url=redis_url)
+        ok("tenants", "create", "cli-reborn", "--daily-quota", "1", redis_url=redis_url)
+        key = ok("keys", "create", "cli-reborn", redis_url=redis_url).strip()
+        assert execute(key, "c") == 200  # a new tenant under the old id: a fresh quota
+        usage = httpx.get(f"{server.url}/admin/tenants/cli-reborn/usage", headers=ADMIN).json()
+        assert usage["days"][0]["executions"] == 1
+
     def test_duplicate(self, redis_url: str) -> None:
         ok("tenants", "create", "cli-dup", redis_url=redis_url)
         _assert_one_line_error(
