@@ -155,6 +155,56 @@ def dev(
         uvicorn.run(gateway, host=host, port=port, log_config=None, access_log=False)
 
 
+@app.command()
+def bootstrap(
+    runtimes: str | None = typer.Option(
+        None,
+        help="LANGUAGE=VERSION,... to install (default: $GATEWAY_BOOTSTRAP_RUNTIMES,"
+        " itself python=3.10.0,scala=3.0.0).",
+    ),
+    wait: float = typer.Option(
+        300, min=0, help="Seconds to wait for every upstream to answer /api/v2/runtimes."
+    ),
+    progress_every: float = typer.Option(
+        10, min=0.1, help="Seconds between progress lines while waiting or installing."
+    ),
+) -> None:
+    """Install runtimes on every upstream in GATEWAY_PISTON_URLS (only what is missing)."""
+    import asyncio
+
+    from pydantic import ValidationError
+
+    from app.bootstrap import bootstrap as run_bootstrap
+    from app.bootstrap import parse_runtimes
+    from app.settings import Settings
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"GATEWAY_{'.'.join(str(p) for p in error['loc']).upper()}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise _fail(f"invalid settings: {problems}") from None
+    try:
+        wanted = parse_runtimes(runtimes if runtimes is not None else settings.bootstrap_runtimes)
+    except ValueError as exc:
+        raise _fail(f"--runtimes: {exc}") from None
+
+    def echo(line: str) -> None:
+        typer.echo(line)
+
+    urls = [str(url) for url in settings.piston_urls]
+    names = ", ".join(str(r) for r in wanted)
+    echo(
+        f"bootstrap: {names} on {', '.join(u.rstrip('/') for u in urls)} (waiting up to {wait:g} s)"
+    )
+    if not asyncio.run(
+        run_bootstrap(urls, wanted, wait=wait, echo=echo, progress_every=progress_every)
+    ):
+        raise typer.Exit(code=1)
+
+
 def _register_admin_commands() -> None:
     with contextlib.suppress(ImportError):
         from app.tenancy.cli import keys_app, tenants_app

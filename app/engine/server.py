@@ -39,4 +39,6 @@ def run(*, host: str = "127.0.0.1", port: int = 2000) -> None:
         workers=1,
         log_config=None,
         access_log=False,
+        # No WebSocket message larger than an execute body is read (closed with 1009 past it).
+        ws_max_size=settings.max_body_bytes,
     )

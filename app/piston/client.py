@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ import structlog
 
 from app.errors import BadGateway, GatewayError, GatewayTimeout, ServiceUnavailable
 from app.metrics import Metrics
+from app.piston.discovery import DnsEntry, Resolver, system_resolver
 from app.piston.resolve import Runtime
 from app.piston.transport import LeanTransport
 
@@ -54,6 +55,9 @@ class Upstream:
     healthy: bool = False
     in_flight: int = 0
     runtimes: tuple[Runtime, ...] = ()
+    runtimes_body: bytes = b""  # the last runtime list as answered, to parse only a change
+    drained: asyncio.Event | None = None  # set when a retired upstream's last request ends
+    discovered_from: str | None = None  # the dns+http entry this address came from
     last_error: str | None = None
 
     def status(self) -> dict[str, Any]:
@@ -63,7 +67,22 @@ class Upstream:
             "in_flight": self.in_flight,
             "runtimes": len(self.runtimes),
             "error": self.last_error,
+            **({"discovered_from": self.discovered_from} if self.discovered_from else {}),
         }
+
+
+class _ProbeFailed(Exception):
+    """An upstream answered its health check, but not with a runtime list."""
+
+
+def _parse_runtimes(body: bytes) -> tuple[Runtime, ...]:
+    try:
+        data = orjson.loads(body)
+        if not isinstance(data, list):
+            raise TypeError("not a list")
+        return tuple(Runtime.from_json(item) for item in data)
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise _ProbeFailed(f"answered a malformed runtime list ({type(exc).__name__})") from None
 
 
 def stage_times(stage: Mapping[str, Any]) -> tuple[float, float]:
@@ -126,30 +145,65 @@ def _upstream_reason(body: bytes) -> str:
     return ""
 
 
+HEALTH_TIMEOUT_S = 2.0  # the contract: no answer to the health check within 2 s is unhealthy
+
+
 class PistonPool:
-    """Every configured upstream, its runtimes and health, kept fresh in the background."""
+    """Every upstream, its runtimes and health, kept fresh in the background.
+
+    Health: each upstream has its own probe loop, `GET /api/v2/runtimes` every `health_seconds`
+    with a 2 s bound, so a refused or hung upstream shows as unhealthy within interval + 2 s and
+    a recovered one as healthy within one interval, and one hung upstream never delays another's
+    probe. The runtime list is the probe because it is what the gateway needs from an upstream
+    (an answer that has no runtimes serves nothing) and it is cheap: about 1 ms and 0.5 KB per
+    probe against the engine, parsed only when its bytes change, so it also keeps the catalog
+    fresh within a second. Nothing here is on the hot path: an execute reads `healthy` only.
+
+    Discovery: each `dns+http://NAME:PORT` entry is resolved every `discovery_seconds` off the
+    event loop; addresses that appear become upstreams, those that go away are retired (their
+    in-flight requests finish, then their client is closed); a name that stops resolving keeps
+    its last addresses until it resolves again.
+    """
 
     def __init__(
         self,
         urls: Iterable[str],
         *,
         connect_timeout: float,
-        refresh_seconds: float,
+        health_seconds: float = 1.0,
+        discovery_seconds: float = 10.0,
+        resolver: Resolver | None = None,
         metrics: Metrics | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._metrics = metrics
-        self.upstreams = [self._upstream(url, connect_timeout, transport) for url in urls]
-        self._refresh_seconds = refresh_seconds
-        self._refresher: asyncio.Task[None] | None = None
-        self.version = 0  # bumped whenever the runtime set changes
+        self._connect_timeout = connect_timeout
+        self._transport = transport
+        self._health_seconds = health_seconds
+        self._discovery_seconds = discovery_seconds
+        self._resolver: Resolver = resolver or system_resolver
+        self._dns: list[DnsEntry] = []
+        static: list[str] = []
+        for url in urls:
+            entry = DnsEntry.parse(url)
+            if entry is None:
+                static.append(url)
+            else:
+                self._dns.append(entry)
+        # Replaced, never mutated in place: a request iterating the old list is not disturbed.
+        self.upstreams: list[Upstream] = [self._upstream(url) for url in static]
+        self._discovered: dict[DnsEntry, list[Upstream]] = {entry: [] for entry in self._dns}
+        self._unresolved: set[DnsEntry] = set()  # logged once when it fails, once when it is back
+        self._probes: dict[Upstream, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._retiring: set[Upstream] = set()
+        self._discovery: asyncio.Task[None] | None = None
+        self._closed = False
+        self.version = 0  # bumped whenever the runtime set or the upstream set changes
 
-    @staticmethod
-    def _upstream(
-        url: str, connect_timeout: float, transport: httpx.AsyncBaseTransport | None
-    ) -> Upstream:
+    def _upstream(self, url: str) -> Upstream:
         chosen = (
-            transport
+            self._transport
             or LeanTransport.for_url(url)
             or httpx.AsyncHTTPTransport(
                 limits=httpx.Limits(max_connections=512, max_keepalive_connections=128)
@@ -157,7 +211,7 @@ class PistonPool:
         )
         client = httpx.AsyncClient(
             base_url=url.rstrip("/"),
-            timeout=httpx.Timeout(10.0, connect=connect_timeout),
+            timeout=httpx.Timeout(10.0, connect=self._connect_timeout),
             transport=chosen,
             headers={"User-Agent": "piston-gateway"},
         )
@@ -170,53 +224,156 @@ class PistonPool:
             self._metrics.upstream_errors.labels(upstream=upstream.url, kind=kind).inc()
 
     async def start(self) -> None:
+        """Resolve every name and probe every upstream once, so readiness is right at boot."""
+        await self.discover()
         await self.refresh()
-        self._refresher = asyncio.create_task(self._refresh_forever(), name="runtime-refresh")
+        for upstream in self.upstreams:
+            self._watch(upstream)
+        if self._dns:
+            self._discovery = asyncio.create_task(self._discover_forever(), name="discovery")
 
     async def close(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
-        await asyncio.gather(*(u.client.aclose() for u in self.upstreams))
+        self._closed = True
+        tasks = [*self._probes.values(), *self._background]
+        if self._discovery is not None:
+            tasks.append(self._discovery)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._probes.clear()
+        await asyncio.gather(*(u.client.aclose() for u in {*self.upstreams, *self._retiring}))
 
-    async def _refresh_forever(self) -> None:
-        while True:
-            # A sick upstream is checked again sooner, so recovery shows within seconds.
-            healthy = all(u.healthy for u in self.upstreams)
-            await asyncio.sleep(
-                self._refresh_seconds if healthy else min(2.0, self._refresh_seconds)
+    # -- health ------------------------------------------------------------------------------
+
+    def _watch(self, upstream: Upstream) -> None:
+        if upstream not in self._probes and not self._closed:
+            self._probes[upstream] = asyncio.create_task(
+                self._probe_forever(upstream), name=f"health {upstream.url}"
             )
-            await self.refresh()
+
+    async def _probe_forever(self, upstream: Upstream) -> None:
+        while True:
+            await asyncio.sleep(self._health_seconds)
+            await self._probe(upstream)
 
     async def refresh(self) -> None:
-        await asyncio.gather(*(self._refresh_one(u) for u in self.upstreams))
+        """Probe every upstream now."""
+        await asyncio.gather(*(self._probe(u) for u in self.upstreams))
 
-    async def _refresh_one(self, upstream: Upstream) -> None:
+    async def _probe(self, upstream: Upstream) -> None:
         try:
-            response = await upstream.client.get("/api/v2/runtimes", timeout=5.0)
-            response.raise_for_status()
-            data = orjson.loads(response.content)
-            runtimes = tuple(Runtime.from_json(item) for item in data)
-        except (
-            httpx.HTTPError,
-            orjson.JSONDecodeError,
-            KeyError,
-            TypeError,
-            AttributeError,
-        ) as exc:
-            if upstream.healthy:
-                log.warning("upstream_unhealthy", upstream=upstream.url, error=type(exc).__name__)
+            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                response = await upstream.client.get("/api/v2/runtimes", timeout=HEALTH_TIMEOUT_S)
+            if response.status_code != 200:
+                raise _ProbeFailed(f"answered its runtime list with status {response.status_code}")
+            if response.content != upstream.runtimes_body:
+                runtimes = _parse_runtimes(response.content)
+                upstream.runtimes_body = response.content
+                if runtimes != upstream.runtimes:
+                    upstream.runtimes = runtimes
+                    self.version += 1
+        except (TimeoutError, httpx.TimeoutException):
+            self._mark_unhealthy(upstream, f"no answer within {HEALTH_TIMEOUT_S:g} s")
+        except httpx.HTTPError as exc:
+            self._mark_unhealthy(upstream, type(exc).__name__)
+        except _ProbeFailed as exc:
+            self._mark_unhealthy(upstream, str(exc))
+        else:
+            if not upstream.healthy:
+                log.info("upstream_healthy", upstream=upstream.url, runtimes=len(upstream.runtimes))
+                upstream.healthy = True
+                self.version += 1
+            upstream.last_error = None
+
+    def _mark_unhealthy(self, upstream: Upstream, error: str) -> None:
+        if upstream.healthy:
+            log.warning("upstream_unhealthy", upstream=upstream.url, error=error)
             upstream.healthy = False
-            upstream.last_error = type(exc).__name__
-            return
-        if not upstream.healthy:
-            log.info("upstream_healthy", upstream=upstream.url, runtimes=len(runtimes))
-        if runtimes != upstream.runtimes:
-            upstream.runtimes = runtimes
             self.version += 1
-        upstream.healthy = True
-        upstream.last_error = None
+        upstream.last_error = error
+
+    # -- discovery ---------------------------------------------------------------------------
+
+    async def _discover_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._discovery_seconds)
+            await self.discover()
+
+    async def discover(self) -> None:
+        """Resolve every dns+http entry once and bring the upstream set in line with it."""
+        # Resolved together, so one slow name does not hold the others back; applied in order.
+        answers = await asyncio.gather(*(self._resolve(entry) for entry in self._dns))
+        for entry, addresses in zip(self._dns, answers, strict=True):
+            if addresses is not None:
+                self._apply(entry, [entry.url_for(address) for address in addresses])
+
+    async def _resolve(self, entry: DnsEntry) -> list[str] | None:
+        """The name's addresses, or None (logged once per outage) to keep the last ones."""
+        try:
+            addresses = list(await self._resolver(entry.name, entry.port))
+            if not addresses:
+                raise OSError("the name resolves to no address")
+        except (OSError, UnicodeError) as exc:  # socket.gaierror is an OSError
+            if entry not in self._unresolved:
+                self._unresolved.add(entry)
+                log.warning(
+                    "discovery_failed",
+                    entry=entry.entry,
+                    error=str(exc) or type(exc).__name__,
+                    kept=[u.url for u in self._discovered[entry]],
+                )
+            return None
+        if entry in self._unresolved:
+            self._unresolved.discard(entry)
+            log.info("discovery_recovered", entry=entry.entry, addresses=addresses)
+        return addresses
+
+    def _apply(self, entry: DnsEntry, urls: list[str]) -> None:
+        current = {u.url: u for u in self._discovered[entry]}
+        taken = {u.url for u in self.upstreams} - current.keys()
+        wanted = [url for url in dict.fromkeys(urls) if url not in taken]
+        added = [self._upstream(url) for url in wanted if url not in current]
+        for upstream in added:
+            upstream.discovered_from = entry.entry
+        removed = [u for url, u in current.items() if url not in wanted]
+        if not added and not removed:
+            return
+        kept = [u for u in self._discovered[entry] if u not in removed]
+        self._discovered[entry] = kept + added
+        self.upstreams = [u for u in self.upstreams if u not in removed] + added
+        self.version += 1
+        for upstream in added:
+            log.info("upstream_added", entry=entry.entry, upstream=upstream.url)
+            self._spawn(self._first_probe(upstream))
+        for upstream in removed:
+            log.info("upstream_removed", entry=entry.entry, upstream=upstream.url)
+            probe = self._probes.pop(upstream, None)
+            if probe is not None:
+                probe.cancel()
+            self._spawn(self._retire(upstream))
+
+    async def _first_probe(self, upstream: Upstream) -> None:
+        await self._probe(upstream)  # healthy (or not) at once, not one interval later
+        if upstream in self.upstreams:
+            self._watch(upstream)
+
+    async def _retire(self, upstream: Upstream) -> None:
+        """Close a removed upstream's client once the requests still running on it finish."""
+        upstream.healthy = False
+        self._retiring.add(upstream)
+        if upstream.in_flight > 0:  # each has its own deadline, so this ends
+            upstream.drained = asyncio.Event()
+            await upstream.drained.wait()
+        await upstream.client.aclose()
+        self._retiring.discard(upstream)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        if self._closed:
+            work.close()
+            return
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     @property
     def runtimes(self) -> list[Runtime]:
@@ -234,12 +391,14 @@ class PistonPool:
         return merged
 
     def candidates(self, runtime: Runtime | None = None) -> list[Upstream]:
-        """Healthy upstreams that have the runtime, least busy first; all of them if none is."""
+        """Healthy upstreams that have the runtime (any healthy one if none has), least busy
+        first. None healthy is a 503 at once: a request never waits on an upstream known down."""
         healthy = [u for u in self.upstreams if u.healthy]
+        if not healthy:
+            raise ServiceUnavailable("no upstream Piston is reachable; try again shortly")
         if runtime is not None:
             healthy = [u for u in healthy if runtime in u.runtimes] or healthy
-        pool = healthy or list(self.upstreams)
-        return sorted(pool, key=lambda u: u.in_flight)
+        return sorted(healthy, key=lambda u: u.in_flight)
 
     async def execute(
         self, body: bytes, *, runtime: Runtime, read_timeout: float
@@ -288,10 +447,9 @@ class PistonPool:
                 content = await response.aread()
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 # Refused or never accepted: the job never started, so try the next upstream.
-                upstream.healthy = False
-                upstream.last_error = type(exc).__name__
+                # Marked down at once (logged once, when it goes down); the probe brings it back.
+                self._mark_unhealthy(upstream, type(exc).__name__)
                 self._count_error(upstream, "unreachable")
-                log.warning("upstream_unreachable", upstream=upstream.url)
                 continue
             except httpx.TimeoutException:
                 self._count_error(upstream, "timeout")
@@ -305,6 +463,8 @@ class PistonPool:
                 raise BadGateway("the upstream connection failed mid-answer") from None
             finally:
                 upstream.in_flight -= 1
+                if upstream.drained is not None and upstream.in_flight == 0:
+                    upstream.drained.set()
             if runtime is None:
                 return UpstreamAnswer(response.status_code, content)
             if response.status_code != 200:

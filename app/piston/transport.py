@@ -70,7 +70,9 @@ class LeanTransport(httpx.AsyncBaseTransport):
     def __init__(self, host: str, port: int, *, max_idle: int = _MAX_IDLE) -> None:
         self._host = host
         self._port = port
-        self._host_header = f"{host}:{port}".encode()
+        # An IPv6 literal goes in brackets in the Host header (RFC 9110 7.2), as in the URL.
+        self._host_header = (f"[{host}]" if ":" in host else host).encode() + f":{port}".encode()
+        self._closed = False
         self._idle: deque[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = deque()
         self._max_idle = max_idle
 
@@ -106,6 +108,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         return None
 
     async def aclose(self) -> None:
+        self._closed = True  # an exchange still running closes its connection, never pools it
         while self._idle:
             _, writer, _ = self._idle.pop()
             writer.close()
@@ -179,7 +182,11 @@ class LeanTransport(httpx.AsyncBaseTransport):
             writer.close()  # cancelled mid-answer: the connection's state is unknown
             raise
         answer.status = parser.get_status_code()
-        if answer.reusable(parser.get_http_version()) and len(self._idle) < self._max_idle:
+        if (
+            not self._closed
+            and answer.reusable(parser.get_http_version())
+            and len(self._idle) < self._max_idle
+        ):
             self._idle.append((reader, writer, time.monotonic()))
         else:
             writer.close()

@@ -206,3 +206,51 @@ async def test_long_idle_connections_are_not_trusted(
     await asyncio.sleep(0.1)
     await transport.handle_async_request(_request())
     assert server.connections == 2
+
+
+async def test_an_ipv6_upstream_gets_a_bracketed_host_header() -> None:
+    """A discovered pod may be an IPv6 address: `Host: ::1:2000` is not a valid header."""
+    heads: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await _read_request(reader))
+        writer.write(OK)
+        await writer.drain()
+        writer.close()
+
+    port = free_port()
+    server = await asyncio.start_server(handler, "::1", port)
+    transport = LeanTransport.for_url(f"http://[::1]:{port}")
+    assert transport is not None
+    try:
+        response = await transport.handle_async_request(_request(f"http://[::1]:{port}/x"))
+        assert response.status_code == 200
+        assert f"\r\nHost: [::1]:{port}\r\n".encode() in heads[0]
+    finally:
+        await transport.aclose()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_closed_transport_does_not_pool_an_answer_still_in_flight(serve: Serve) -> None:
+    """A retired upstream's client is closed while a request may still finish on it: that
+    connection is closed, not put back in a pool nobody will close again."""
+    release, closed_by_client = asyncio.Event(), asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        await release.wait()
+        writer.write(OK)  # a keep-alive answer: a live transport would pool this connection
+        await writer.drain()
+        await reader.read()
+        closed_by_client.set()
+
+    server, transport = await serve(handler)
+    running = asyncio.create_task(transport.handle_async_request(_request()))
+    while server.connections == 0:  # noqa: ASYNC110  # the request is on its way
+        await asyncio.sleep(0.01)
+    await transport.aclose()
+    release.set()
+    response = await running
+    assert response.status_code == 200
+    await asyncio.wait_for(closed_by_client.wait(), 5)
