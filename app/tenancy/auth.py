@@ -19,7 +19,7 @@ import hmac
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Annotated, Final
 
@@ -65,6 +65,9 @@ class _Entry:
     key: ApiKey
     principal: Principal
     fetched_at: float
+    # Set when invalidations may have been missed (a resubscribe): read again before use, but
+    # kept, since it is still a key this process verified (the outage grace serves it).
+    stale: bool = False
 
 
 def _admin_principal() -> Principal:
@@ -175,7 +178,7 @@ class Authenticator:
 
     def _fresh(self, entry: _Entry) -> bool:
         ttl = self._cache_seconds if self.listening else _FALLBACK_TTL_SECONDS
-        return time.monotonic() - entry.fetched_at < ttl
+        return not entry.stale and time.monotonic() - entry.fetched_at < ttl
 
     async def _verify(self, digest: str, stale: _Entry | None) -> _Entry | None:
         """Look the key up in Redis; during an outage fall back on what this process verified."""
@@ -251,8 +254,11 @@ class Authenticator:
                 continue
             kind = message.get("type")
             if kind in (b"subscribe", "subscribe"):
-                # Messages published while we were not subscribed are lost: start from nothing.
-                self.invalidate("all")
+                # Messages published while we were not subscribed are lost: read every entry
+                # again before its next use (an outage that follows still finds it).
+                self._generation += 1
+                for digest, entry in list(self._cache.items()):
+                    self._cache[digest] = replace(entry, stale=True)
             elif kind in (b"message", "message"):
                 data = message["data"]
                 self.invalidate(data.decode() if isinstance(data, bytes) else str(data))
