@@ -29,6 +29,7 @@ from app.logging import configure_logging
 from app.metrics import Metrics
 from app.piston.client import PistonPool
 from app.piston.runtimes import RuntimeCatalog
+from app.redis_outage import RedisOutage
 from app.settings import RedisSentinelSettings, Settings, sentinel_address
 from app.state import AppState
 from app.tenancy.auth import Authenticator
@@ -160,12 +161,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics=metrics,
         transport=app.state.upstream_transport,
     )
-    store = create_store(redis)
+    outage = RedisOutage(redis)
+    store = create_store(redis, outage=outage)
     authenticator = Authenticator(
         store,
         admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
         redis=redis,
         cache_seconds=settings.key_cache_seconds,
+        outage=outage,
+        outage_seconds=settings.key_cache_outage_seconds,
     )
     state = AppState(
         settings=settings,
@@ -175,7 +179,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         catalog=RuntimeCatalog(pool),
         store=store,
         authenticator=authenticator,
-        gate=create_gate(redis, settings=settings, metrics=metrics),
+        gate=create_gate(redis, settings=settings, metrics=metrics, outage=outage),
         slots=UpstreamSlots(
             settings.max_concurrency,
             max_queue=settings.max_queue,
@@ -183,8 +187,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             metrics=metrics,
         ),
         flights=SingleFlight(redis, metrics=metrics),
-        auth_failures=AuthFailureLimiter(settings=settings, redis_url=settings.redis_url),
+        auth_failures=AuthFailureLimiter(
+            settings=settings, redis_url=settings.redis_url, outage=outage
+        ),
         extras={},
+        outage=outage,
     )
     app.state.gateway = state
     await pool.start()
@@ -208,6 +215,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.flights.close()
         await authenticator.close()
         await state.auth_failures.close()
+        await outage.close()
         await pool.close()
         if redis is not None:
             await redis.aclose()

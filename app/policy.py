@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from app.errors import Forbidden
+from app.errors import BadRequest, Forbidden
 from app.piston.resolve import Runtime
 from app.piston.schemas import LIMIT_FIELDS, ExecuteRequest, enforce_caps
-from app.settings import Settings
-from app.tenancy.models import Tenant
+from app.settings import Settings, StageCaps
+from app.tenancy.models import Tenant, TenantCreate, TenantUpdate
 
-__all__ = ["effective_caps", "effective_request", "language_allowed"]
+__all__ = ["check_tenant_caps", "effective_caps", "effective_request", "language_allowed"]
 
 
 def language_allowed(language: str, *allow_lists: Sequence[str]) -> bool:
@@ -26,6 +26,19 @@ def _tightest(*caps: int | None) -> int:
     """The smallest real cap; -1 (none) when no level sets one."""
     real = [cap for cap in caps if cap is not None and cap > 0]
     return min(real) if real else -1
+
+
+def check_tenant_caps(fields: TenantCreate | TenantUpdate, settings: Settings) -> None:
+    """400 for a tenant cap above the global maximum: it would be stored but never apply."""
+    global_caps = settings.global_caps
+    for name in StageCaps.FIELDS:
+        value = getattr(fields, f"max_{name}")
+        cap = global_caps[name]
+        if value is not None and cap > 0 and value > cap:
+            raise BadRequest(
+                f"max_{name}: {value} is above the global maximum of {cap} "
+                f"(GATEWAY_MAX_{name.upper()})"
+            )
 
 
 def effective_caps(tenant: Tenant, settings: Settings) -> dict[str, int]:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated, Literal
 
-from limits import parse_many
 from pydantic import AnyHttpUrl, AnyUrl, Field, RedisDsn, SecretStr, UrlConstraints, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from app.tenancy.models import check_rate_limit
 
 __all__ = ["RedisSentinelSettings", "Settings", "StageCaps", "sentinel_address"]
 
@@ -112,12 +113,8 @@ class Settings(BaseSettings):
     @field_validator("default_rate_limit", "auth_failure_rate_limit")
     @classmethod
     def _valid_rate_limit(cls, value: str) -> str:
-        try:
-            parse_many(value)
-        except ValueError as exc:
-            raise ValueError(
-                f"not a rate limit like '60/minute' or '10/second;500/hour': {exc}"
-            ) from None
+        # The tenants' own rule (a limit that admits something and fits), checked at start.
+        check_rate_limit(value)
         return value
 
     @field_validator("allowed_languages")
@@ -169,6 +166,10 @@ class Settings(BaseSettings):
         for entry in value:
             sentinel_address(entry)
         return value
+
+    # Tenancy (keys, the gate and Redis outages): how long a key this process verified keeps
+    # working while Redis is unreachable.
+    key_cache_outage_seconds: NonNegative = 300
 
 
 class RedisSentinelSettings(BaseSettings):

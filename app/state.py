@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from app.limits import AuthFailureLimiter, Gate, UpstreamSlots
     from app.piston.client import PistonPool
     from app.piston.runtimes import RuntimeCatalog
+    from app.redis_outage import RedisOutage
     from app.tenancy.auth import Authenticator
     from app.tenancy.store import TenantStore
 
@@ -40,6 +41,8 @@ class AppState:
     flights: SingleFlight
     auth_failures: AuthFailureLimiter
     extras: dict[str, Any]
+    # One outage state for every Redis user of the process, so that they all behave alike.
+    outage: RedisOutage | None = None
 
 
 def get_state(connection: HTTPConnection) -> AppState:

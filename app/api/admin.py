@@ -1,14 +1,22 @@
-"""The admin API (`/admin`, scope `admin`): tenants, their keys, and their usage."""
+"""The admin API (`/admin`, scope `admin`): tenants, their keys, and their usage.
+
+The key is checked before a body is read: routes declare no body parameter (FastAPI reads and
+parses those before any dependency runs) and read theirs with `_body` once the router's admin
+dependency has passed, bounded by `_MAX_BODY_BYTES`.
+"""
 
 from __future__ import annotations
 
 from datetime import date
-from typing import Annotated, Final
+from typing import Any, Final, TypeVar
 
-from fastapi import APIRouter, Body, Depends, Response, status
-from pydantic import BaseModel
+from fastapi import APIRouter, Depends, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 
 from app.errors import NotFound, message_responses
+from app.http import read_json_body
+from app.policy import check_tenant_caps
 from app.state import AppState, StateDep
 from app.tenancy.auth import require_scope
 from app.tenancy.models import ApiKey, KeyCreate, Tenant, TenantCreate, TenantUpdate
@@ -16,6 +24,9 @@ from app.tenancy.models import ApiKey, KeyCreate, Tenant, TenantCreate, TenantUp
 __all__ = ["MintedKey", "Usage", "UsageDay", "router"]
 
 USAGE_DAYS: Final = 7
+# A tenant or key body is a few hundred bytes; this leaves room and refuses anything else (413).
+_MAX_BODY_BYTES: Final = 16_384
+_Body = TypeVar("_Body", bound=BaseModel)
 
 router = APIRouter(
     prefix="/admin",
@@ -48,6 +59,36 @@ class Usage(BaseModel):
     days: list[UsageDay]
 
 
+def _request_body(model: type[BaseModel], *, required: bool = True) -> dict[str, Any]:
+    """The OpenAPI entry of a body the route reads itself (see `_body`)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {
+        "requestBody": {
+            "required": required,
+            "content": {"application/json": {"schema": schema}},
+        }
+    }
+
+
+async def _body(request: Request, model: type[_Body], *, optional: bool = False) -> _Body | None:
+    """The body as `model`, read only now that the key has been checked: 413/415/400 on the way.
+
+    `optional`: no body at all (no Content-Type, nothing sent) is None.
+    """
+    if optional and "content-type" not in request.headers:
+        declared = request.headers.get("content-length")
+        if declared in (None, "0") and "transfer-encoding" not in request.headers:
+            return None
+    raw = await read_json_body(request, _MAX_BODY_BYTES)
+    if optional and raw is None:
+        return None
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        # The same 400 {"message"} naming the field as for any other invalid body.
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
 async def _existing_tenant(state: AppState, tenant_id: str) -> Tenant:
     tenant = await state.store.get_tenant(tenant_id)
     if tenant is None:
@@ -59,10 +100,14 @@ async def _existing_tenant(state: AppState, tenant_id: str) -> Tenant:
     "/tenants",
     status_code=status.HTTP_201_CREATED,
     response_model=Tenant,
-    responses=message_responses(400, 409),
+    responses=message_responses(400, 409, 413, 415),
+    openapi_extra=_request_body(TenantCreate),
 )
-async def create_tenant(body: TenantCreate, state: StateDep) -> Tenant:
+async def create_tenant(request: Request, state: StateDep) -> Tenant:
     """Create a tenant (409 if the id is taken)."""
+    body = await _body(request, TenantCreate)
+    assert body is not None
+    check_tenant_caps(body, state.settings)
     return await state.store.create_tenant(body)
 
 
@@ -78,9 +123,17 @@ async def get_tenant(tenant_id: str, state: StateDep) -> Tenant:
     return await _existing_tenant(state, tenant_id)
 
 
-@router.patch("/tenants/{tenant_id}", response_model=Tenant, responses=message_responses(400, 404))
-async def update_tenant(tenant_id: str, body: TenantUpdate, state: StateDep) -> Tenant:
+@router.patch(
+    "/tenants/{tenant_id}",
+    response_model=Tenant,
+    responses=message_responses(400, 404, 413, 415),
+    openapi_extra=_request_body(TenantUpdate),
+)
+async def update_tenant(tenant_id: str, request: Request, state: StateDep) -> Tenant:
     """Change the fields sent; null resets a field to the global default."""
+    body = await _body(request, TenantUpdate)
+    assert body is not None
+    check_tenant_caps(body, state.settings)
     return await state.store.update_tenant(tenant_id, body)
 
 
@@ -91,8 +144,10 @@ async def update_tenant(tenant_id: str, body: TenantUpdate, state: StateDep) -> 
     responses=message_responses(404),
 )
 async def delete_tenant(tenant_id: str, state: StateDep) -> Response:
-    """Delete a tenant and revoke all its keys."""
+    """Delete a tenant, revoking all its keys and dropping its usage and counters."""
+    tenant = await _existing_tenant(state, tenant_id)
     await state.store.delete_tenant(tenant_id)
+    await state.gate.forget(tenant)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -100,15 +155,14 @@ async def delete_tenant(tenant_id: str, state: StateDep) -> Response:
     "/tenants/{tenant_id}/keys",
     status_code=status.HTTP_201_CREATED,
     response_model=MintedKey,
-    responses=message_responses(400, 404),
+    responses=message_responses(400, 404, 413, 415),
+    openapi_extra=_request_body(KeyCreate, required=False),
 )
-async def mint_key(
-    tenant_id: str, state: StateDep, body: Annotated[KeyCreate | None, Body()] = None
-) -> MintedKey:
+async def mint_key(tenant_id: str, request: Request, state: StateDep) -> MintedKey:
     """Mint a key; the answer's `key` is shown this once and never again."""
-    request = body or KeyCreate()
+    fields = await _body(request, KeyCreate, optional=True) or KeyCreate()
     key, secret = await state.store.create_key(
-        tenant_id, name=request.name, scopes=request.scopes, expires_at=request.expires_at
+        tenant_id, name=fields.name, scopes=fields.scopes, expires_at=fields.expires_at
     )
     return MintedKey.model_validate({**key.model_dump(), "hash": key.hash, "key": secret})
 

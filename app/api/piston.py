@@ -237,6 +237,8 @@ async def _execute_reserved(
     plan = _cache_plan(request, settings, tenant, effective)
     deadline_ms, lease_ttl_ms = _timing(settings, effective)
     admission = await state.gate.admit(tenant, cache_key=plan.lookup_key, lease_ttl_ms=lease_ttl_ms)
+    if admission.degraded:  # Redis unreachable, failing open: no shared cache, no shared flight
+        plan = _CachePlan(CacheMode(lookup=False, store=False, label="BYPASS"), None)
     if admission.cached is not None:
         reservation.release()  # a hit needs no slot
         return _answer(

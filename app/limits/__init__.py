@@ -23,6 +23,7 @@ from app.limits.memory_gate import MemoryGate
 from app.limits.redis_gate import RedisGate
 from app.limits.slots import UpstreamSlots
 from app.metrics import Metrics
+from app.redis_outage import RedisOutage
 from app.settings import Settings
 
 __all__ = [
@@ -39,7 +40,13 @@ __all__ = [
 ]
 
 
-def create_gate(redis: Redis | None, *, settings: Settings, metrics: Metrics | None) -> Gate:
+def create_gate(
+    redis: Redis | None,
+    *,
+    settings: Settings,
+    metrics: Metrics | None,
+    outage: RedisOutage | None = None,
+) -> Gate:
     """The Redis gate when the app has Redis, else the in-process one (one process only)."""
     if redis is None:
         return MemoryGate(
@@ -53,4 +60,5 @@ def create_gate(redis: Redis | None, *, settings: Settings, metrics: Metrics | N
         strategy=settings.rate_limit_strategy,
         fail_open=settings.rate_limit_fail_open,
         metrics=metrics,
+        outage=outage,
     )

@@ -2,10 +2,14 @@
 
 Counted with the `limits` library for real (its async Redis storage on redis-py, or its memory
 storage), with `GATEWAY_AUTH_FAILURE_RATE_LIMIT`. Only failures touch Redis: `check()` reads an
-in-process list of addresses found over the limit, so an authenticated request (the hot path)
-pays no round trip for it. With several replicas, each learns of a blocked address at its own
-next failure from it, so a guessing loop gets at most one more try per replica per window.
-Redis errors fail open: authentication must keep working when Redis does not.
+in-process list of addresses found over the limit, consulted only for a key that failed, so a
+valid key is never refused for other failures from its address and pays no round trip for it;
+a request with no key at all is not an attempt. With several replicas, each learns of a blocked
+address at its own next failure from it, so a guessing loop gets at most one more try per
+replica per window.
+Redis errors fail open: authentication must keep working when Redis does not. They are reported
+to the process's `RedisOutage`, which logs the outage once at each end; while it lasts, failures
+are not sent to Redis at all.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import structlog
 from limits import RateLimitItem, parse_many
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter, RateLimiter
-from redis.asyncio import ConnectionPool
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -28,6 +32,7 @@ from app.errors import TooManyRequests
 from app.limits.gate import retry_after
 from app.metrics import Metrics
 from app.redis_keys import RATE_LIMIT
+from app.redis_outage import REDIS_DEADLINE_S, RedisOutage
 from app.settings import Settings
 
 __all__ = ["AUTH_FAILURE_PREFIX", "AuthFailureLimiter", "client_address"]
@@ -36,8 +41,6 @@ log = structlog.get_logger(__name__)
 
 # pgw:rl:auth:LIMITER/<address>/20/1/minute (the limits library's key under our prefix)
 AUTH_FAILURE_PREFIX: Final = RATE_LIMIT + "auth"
-_DEADLINE_S: Final = 1.0
-_OUTAGE_LOG_INTERVAL_S: Final = 30.0
 _MAX_BLOCKED: Final = 100_000  # addresses remembered; beyond it the expired ones are dropped
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -53,7 +56,9 @@ class AuthFailureLimiter:
         settings: Settings,
         redis_url: object | None = None,
         metrics: Metrics | None = None,
+        outage: RedisOutage | None = None,
     ) -> None:
+        self._owns_outage = outage is None
         self._items: list[RateLimitItem] = parse_many(settings.auth_failure_rate_limit)
         self._metrics = metrics
         self._pool: ConnectionPool | None = None
@@ -78,13 +83,16 @@ class AuthFailureLimiter:
                 key_prefix=AUTH_FAILURE_PREFIX,
                 connection_pool=self._pool,  # type: ignore[arg-type]  # passed on to redis-py
             )
+        # On its own (tests), an outage state that probes the limiter's own pool.
+        self._outage = outage or RedisOutage(
+            Redis(connection_pool=self._pool) if self._pool is not None else None
+        )
         self._limiter: RateLimiter = (
             MovingWindowRateLimiter(storage)
             if settings.rate_limit_strategy == "moving-window"
             else FixedWindowRateLimiter(storage)
         )
         self._blocked: dict[str, float] = {}  # address -> epoch seconds when it may try again
-        self._last_outage_log = -_OUTAGE_LOG_INTERVAL_S
 
     def check(self, address: str) -> None:
         """Raise 429 if `address` has failed too often lately (no I/O: the hot path)."""
@@ -104,8 +112,10 @@ class AuthFailureLimiter:
 
     async def failed(self, address: str) -> None:
         """Count one failed authentication; past the limit, `check(address)` starts refusing."""
+        if self._pool is not None and self._outage.active:
+            return  # fail open without waiting on Redis: the outage is logged already
         try:
-            async with asyncio.timeout(_DEADLINE_S):
+            async with asyncio.timeout(REDIS_DEADLINE_S):
                 for item in self._items:
                     await self._limiter.hit(item, address)
                 until = 0.0
@@ -115,8 +125,9 @@ class AuthFailureLimiter:
                         stats = await self._limiter.get_window_stats(item, address)
                         until = max(until, stats.reset_time)
         except Exception as exc:  # any storage failure: fail open, auth must keep working
-            self._log_outage(exc)
+            self._outage.failed(exc, by="auth_failures")
             return
+        self._outage.succeeded()
         if until:
             self._remember(address, until)
 
@@ -126,13 +137,9 @@ class AuthFailureLimiter:
             self._blocked = {a: t for a, t in self._blocked.items() if t > now}
         self._blocked[address] = until
 
-    def _log_outage(self, exc: BaseException) -> None:
-        now = time.monotonic()
-        if now - self._last_outage_log >= _OUTAGE_LOG_INTERVAL_S:
-            self._last_outage_log = now
-            log.warning("auth_failure_limit_unavailable", error=repr(exc), detail="failing open")
-
     async def close(self) -> None:
+        if self._owns_outage:
+            await self._outage.close()
         if self._pool is not None:
             await self._pool.aclose()
 

@@ -106,6 +106,10 @@ class Gate(Protocol):
 
     async def usage(self, tenant_id: str, days: int = 7) -> list[dict[str, object]]: ...
 
+    async def forget(self, tenant: Tenant) -> None:
+        """Drop a deleted tenant's usage and its rate-limit, quota and concurrency counters."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Window:

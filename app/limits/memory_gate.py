@@ -227,6 +227,18 @@ class MemoryGate:
         while len(self._cache) > self._cache_max_entries:
             self._cache.popitem(last=False)
 
+    async def forget(self, tenant: Tenant) -> None:
+        """A tenant created later under the same id starts from zero."""
+        async with self._lock:
+            for limit in {tenant.rate_limit or self._default_rate_limit, self._default_rate_limit}:
+                for window in windows_for(limit, self._strategy):
+                    await self._limiter.clear(window.item, tenant.id)
+            self._leases.pop(tenant.id, None)
+            for key in [key for key in self._quota if key[0] == tenant.id]:
+                del self._quota[key]
+            for key in [key for key in self._usage if key[0] == tenant.id]:
+                del self._usage[key]
+
     async def usage(self, tenant_id: str, days: int = 7) -> list[dict[str, object]]:
         empty = UsageCounters()
         return [

@@ -9,7 +9,9 @@ expire a lease early. Needs Redis >= 5 (scripts replicated by effect, so TIME is
 The client the app passes in decides how an outage feels: short socket timeouts, few retries
 without backoff (redis-py's default is ten with backoff), and a pool that waits for a free
 connection rather than failing a burst with MaxConnectionsError. Whatever it does, `deadline_s`
-bounds one admit, so an outage is a prompt 503 (or, failing open, an unlimited answer).
+bounds one admit, so an outage is a prompt 503 (or, failing open, an unlimited answer). The
+process's `RedisOutage` is told what each call found; while it holds, the gate does not wait on
+Redis at all, and the outage is logged when it starts and ends, not per request.
 """
 
 from __future__ import annotations
@@ -22,9 +24,7 @@ from typing import Final
 
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from app.errors import ServiceUnavailable
 from app.limits.gate import (
     DEFAULT_LEASE_TTL_MS,
     USAGE_TTL_SECONDS,
@@ -43,6 +43,12 @@ from app.limits.gate import (
 )
 from app.metrics import Metrics
 from app.redis_keys import CONCURRENCY, QUOTA, RATE_LIMIT, USAGE
+from app.redis_outage import (
+    OUTAGE_ERRORS,
+    REDIS_DEADLINE_S,
+    RedisOutage,
+    RedisUnavailable,
+)
 from app.tenancy.models import Tenant
 
 __all__ = ["ADMIT_SCRIPT", "RedisGate"]
@@ -209,12 +215,6 @@ return 1
 
 # How long the quota counter outlives its day: just garbage collection, the key names the day.
 _QUOTA_GRACE_SECONDS: Final = 3_600
-# How often an outage is logged while it lasts.
-_OUTAGE_LOG_INTERVAL_S: Final = 30.0
-_UNAVAILABLE: Final = "rate limiting is unavailable (Redis unreachable); try again shortly"
-_UNAVAILABLE_RETRY_AFTER: Final = "2"
-# What counts as "Redis is unreachable" (fail open/closed) rather than a bug.
-_OUTAGE_ERRORS: Final = (RedisError, OSError, TimeoutError)
 
 
 class RedisGate:
@@ -228,7 +228,8 @@ class RedisGate:
         strategy: Strategy = "fixed-window",
         fail_open: bool = False,
         metrics: Metrics | None = None,
-        deadline_s: float = 1.5,
+        outage: RedisOutage | None = None,
+        deadline_s: float = REDIS_DEADLINE_S,
     ) -> None:
         self._redis = redis
         self._default_rate_limit = default_rate_limit
@@ -242,7 +243,8 @@ class RedisGate:
         # script and runs it again, so recovery needs no restart of ours.
         self._admit = redis.register_script(ADMIT_SCRIPT)
         self._finish = redis.register_script(FINISH_SCRIPT)
-        self._last_outage_log = -_OUTAGE_LOG_INTERVAL_S
+        # On its own (tests), an outage state of its own; the app passes the process's one.
+        self._outage = outage if outage is not None else RedisOutage(redis)
 
     async def admit(
         self,
@@ -278,11 +280,15 @@ class RedisGate:
         for w in windows:
             args += (w.amount, w.seconds)
         args.append(max(1, cost))
+        if self._outage.active:
+            return self._unavailable(tenant.id, day)
         try:
             async with asyncio.timeout(self._deadline_s):
                 reply = await self._admit(keys=keys, args=args)
-        except _OUTAGE_ERRORS as exc:
-            return self._outage(tenant.id, day, exc)
+        except OUTAGE_ERRORS as exc:
+            self._outage.failed(exc, by="rate_limits")
+            return self._unavailable(tenant.id, day)
+        self._outage.succeeded()
 
         outcome, cached, now_ms, quota_used, _leases = reply[:5]
         n = len(windows)
@@ -342,21 +348,10 @@ class RedisGate:
             day=day,
         )
 
-    def _outage(self, tenant_id: str, day: str, exc: BaseException) -> Admission:
+    def _unavailable(self, tenant_id: str, day: str) -> Admission:
         """Redis is unreachable: 503 (fail closed, the default) or unlimited (fail open)."""
-        now = time.monotonic()
-        if now - self._last_outage_log >= _OUTAGE_LOG_INTERVAL_S:
-            self._last_outage_log = now
-            log.warning(
-                "rate_limiting_unavailable",
-                error=repr(exc),
-                fail_open=self._fail_open,
-                detail="serving without limits" if self._fail_open else "answering 503",
-            )
         if not self._fail_open:
-            raise ServiceUnavailable(
-                _UNAVAILABLE, headers={"Retry-After": _UNAVAILABLE_RETRY_AFTER}
-            ) from None
+            raise RedisUnavailable("rate limiting")
         return Admission(
             headers={}, cached=None, lease=None, tenant_id=tenant_id, day=day, degraded=True
         )
@@ -392,35 +387,61 @@ class RedisGate:
             args[4:6] = [store[2], store[1]]
         elif admission.lease is None and not (error or cpu_time_ms or wall_time_ms or cache_hits):
             return  # nothing to count: spare the round trip
+        if self._outage.active:
+            return  # the lease expires by itself; the outage is logged already
         try:
             async with asyncio.timeout(self._deadline_s):
                 # One script call: a redis-py pipeline of the same commands cost three times
                 # the client CPU (bench/, cProfile).
                 await self._finish(keys=keys, args=args)
-        except _OUTAGE_ERRORS as exc:
+        except OUTAGE_ERRORS as exc:
             # The answer is already decided; an uncounted run or an unreleased lease (it expires)
             # must not turn it into an error.
-            log.warning("finish_failed", tenant=admission.tenant_id, error=repr(exc))
+            self._outage.failed(exc, by="usage")
 
     async def read(self, cache_key: str) -> bytes | None:
         """One cache entry (single-flight followers read the leader's answer); None on errors."""
+        if self._outage.active:
+            return None
         try:
             async with asyncio.timeout(self._deadline_s):
                 value: bytes | str | None = await self._redis.get(cache_key)
-        except _OUTAGE_ERRORS as exc:
-            log.warning("cache_read_failed", error=repr(exc))
+        except OUTAGE_ERRORS as exc:
+            self._outage.failed(exc, by="cache_read")
             return None
         return value.encode() if isinstance(value, str) else value
 
     async def store(self, cache_key: str, body: bytes, ttl_seconds: int) -> None:
         """Store a cache entry; a failure only costs a future hit, so it is logged, not raised."""
-        if ttl_seconds <= 0:
+        if ttl_seconds <= 0 or self._outage.active:
             return
         try:
             async with asyncio.timeout(self._deadline_s):
                 await self._redis.set(cache_key, body, ex=ttl_seconds)
-        except _OUTAGE_ERRORS as exc:
-            log.warning("cache_store_failed", error=repr(exc))
+        except OUTAGE_ERRORS as exc:
+            self._outage.failed(exc, by="cache_store")
+
+    async def forget(self, tenant: Tenant) -> None:
+        """Delete a deleted tenant's usage and counters, so its id starts from zero if reused.
+
+        Found by SCAN rather than computed: the windows of every limit the tenant ever had
+        (a PATCH changes the key names) go too. An admin operation, rare, so the scan is fine.
+        """
+        patterns = [
+            f"{USAGE}{tenant.id}:*",
+            f"{QUOTA}{tenant.id}:*",
+            f"{RATE_LIMIT}*/{tenant.id}/*",  # <strategy>/<tenant>/<amount>/<n>/<unit>
+        ]
+        if self._outage.active:
+            raise RedisUnavailable("deleting the tenant's usage")
+        try:
+            names: list[bytes | str] = [f"{CONCURRENCY}{tenant.id}"]
+            for pattern in patterns:
+                names += [name async for name in self._redis.scan_iter(match=pattern, count=1000)]
+            await self._redis.unlink(*names)
+        except OUTAGE_ERRORS as exc:
+            self._outage.failed(exc, by="usage")
+            raise RedisUnavailable("deleting the tenant's usage") from None
 
     async def usage(self, tenant_id: str, days: int = 7) -> list[dict[str, object]]:
         """The contract's per-day usage, today first, zeros for days with nothing counted."""
@@ -428,14 +449,14 @@ class RedisGate:
         pipe = self._redis.pipeline(transaction=False)
         for day in dates:
             pipe.hgetall(f"{USAGE}{tenant_id}:{day}")
+        if self._outage.active:
+            raise RedisUnavailable("usage")
         try:
             async with asyncio.timeout(self._deadline_s):
                 hashes: list[dict[bytes | str, bytes | str]] = await pipe.execute()
-        except _OUTAGE_ERRORS:
-            raise ServiceUnavailable(
-                "usage is unavailable (Redis unreachable); try again shortly",
-                headers={"Retry-After": _UNAVAILABLE_RETRY_AFTER},
-            ) from None
+        except OUTAGE_ERRORS as exc:
+            self._outage.failed(exc, by="usage")
+            raise RedisUnavailable("usage") from None
         return [
             usage_row(
                 day,

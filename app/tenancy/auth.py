@@ -5,6 +5,10 @@ and every change to a key or tenant is announced on `pgw:invalidate`, which drop
 entry here within milliseconds. While that subscription is down, cached entries are trusted for
 only `_FALLBACK_TTL_SECONDS`, so a revocation still reaches this process within the contract's
 2 seconds.
+
+While Redis itself is unreachable (the process's `RedisOutage`), nothing can be checked: a key
+this process verified within `outage_seconds` keeps working from the cache, and any other key
+is answered 503 (it cannot be checked), never 401 and never 500.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import hmac
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Annotated, Final
 
@@ -27,6 +31,7 @@ from starlette.requests import HTTPConnection
 
 from app import redis_keys
 from app.errors import Forbidden, Unauthorized
+from app.redis_outage import OUTAGE_ERRORS, REDIS_DEADLINE_S, RedisOutage, RedisUnavailable
 from app.state import get_state
 from app.tenancy.keys import hash_key, key_from_headers
 from app.tenancy.models import ApiKey, Principal, Tenant
@@ -60,6 +65,9 @@ class _Entry:
     key: ApiKey
     principal: Principal
     fetched_at: float
+    # Set when invalidations may have been missed (a resubscribe): read again before use, but
+    # kept, since it is still a key this process verified (the outage grace serves it).
+    stale: bool = False
 
 
 def _admin_principal() -> Principal:
@@ -80,6 +88,8 @@ class Authenticator:
         admin_key: str | None,
         redis: Redis | None,
         cache_seconds: float = 30,
+        outage: RedisOutage | None = None,
+        outage_seconds: float = 300,
     ) -> None:
         self._store = store
         self._redis = redis
@@ -89,12 +99,15 @@ class Authenticator:
         # and without a channel there would be nothing to invalidate a cached entry.
         self._caching = redis is not None and not isinstance(store, MemoryTenantStore)
         self._cache_seconds = cache_seconds
+        self._outage = outage if outage is not None else RedisOutage(redis)
+        self._outage_seconds = outage_seconds
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         # Bumped by every invalidation: a lookup that raced one must not cache what it read.
         self._generation = 0
         self._last_heard = float("-inf")
         self._listener: asyncio.Task[None] | None = None
         self._stopping = False
+        self._channel_lost_logged = False  # one line per loss, not one per reconnect attempt
 
     @property
     def listening(self) -> bool:
@@ -129,8 +142,8 @@ class Authenticator:
         if self._admin_digest is not None and hmac.compare_digest(digest, self._admin_digest):
             return self._admin
         entry = self._cached(digest)
-        if entry is None:
-            entry = await self._fetch(digest)
+        if entry is None or not self._fresh(entry):
+            entry = await self._verify(digest, entry)
         # Expiry is checked on every use, so a cached key stops working the second it expires.
         if entry is None or not entry.key.usable(datetime.now(UTC)):
             return None
@@ -151,17 +164,42 @@ class Authenticator:
             self._cache.clear()
 
     def _cached(self, digest: str) -> _Entry | None:
+        """The cached entry, fresh or not: a stale one still serves through an outage."""
         if not self._caching:
             return None
         entry = self._cache.get(digest)
         if entry is None:
             return None
-        ttl = self._cache_seconds if self.listening else _FALLBACK_TTL_SECONDS
-        if time.monotonic() - entry.fetched_at >= ttl:
+        if time.monotonic() - entry.fetched_at >= max(self._cache_seconds, self._outage_seconds):
             del self._cache[digest]
             return None
         self._cache.move_to_end(digest)
         return entry
+
+    def _fresh(self, entry: _Entry) -> bool:
+        ttl = self._cache_seconds if self.listening else _FALLBACK_TTL_SECONDS
+        return not entry.stale and time.monotonic() - entry.fetched_at < ttl
+
+    async def _verify(self, digest: str, stale: _Entry | None) -> _Entry | None:
+        """Look the key up in Redis; during an outage fall back on what this process verified."""
+        if self._caching and not self._outage.active:
+            try:
+                async with asyncio.timeout(REDIS_DEADLINE_S):
+                    entry = await self._fetch(digest)
+            except (*OUTAGE_ERRORS, RedisUnavailable) as exc:
+                self._outage.failed(exc, by="key_lookup")
+            else:
+                self._outage.succeeded()
+                if entry is None or not entry.key.usable():
+                    # Gone, revoked or expired in Redis: the stale entry must not outlive it
+                    # (it would be served again during an outage).
+                    self._cache.pop(digest, None)
+                return entry
+        elif not self._caching:
+            return await self._fetch(digest)
+        if stale is not None and time.monotonic() - stale.fetched_at < self._outage_seconds:
+            return stale
+        raise RedisUnavailable("checking this API key")
 
     async def _fetch(self, digest: str) -> _Entry | None:
         generation = self._generation
@@ -194,7 +232,9 @@ class Authenticator:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any Redis or socket failure: reconnect, never die
-                log.warning("key_cache_channel_lost", error=type(exc).__name__)
+                if not self._channel_lost_logged:
+                    self._channel_lost_logged = True
+                    log.warning("key_cache_channel_lost", error=type(exc).__name__)
             finally:
                 self._last_heard = float("-inf")
                 with contextlib.suppress(Exception):
@@ -214,12 +254,18 @@ class Authenticator:
                 continue
             kind = message.get("type")
             if kind in (b"subscribe", "subscribe"):
-                # Messages published while we were not subscribed are lost: start from nothing.
-                self.invalidate("all")
+                # Messages published while we were not subscribed are lost: read every entry
+                # again before its next use (an outage that follows still finds it).
+                self._generation += 1
+                for digest, entry in list(self._cache.items()):
+                    self._cache[digest] = replace(entry, stale=True)
             elif kind in (b"message", "message"):
                 data = message["data"]
                 self.invalidate(data.decode() if isinstance(data, bytes) else str(data))
             self._last_heard = time.monotonic()
+            if self._channel_lost_logged:
+                self._channel_lost_logged = False
+                log.info("key_cache_channel_restored")
 
 
 def _client_address(connection: HTTPConnection) -> str:
@@ -237,13 +283,17 @@ def _client_address(connection: HTTPConnection) -> str:
 async def identify(connection: HTTPConnection, key: str | None) -> Principal | None:
     """The Principal for `key` as presented on this connection (HTTP or WebSocket), or None.
 
-    Refuses an address that failed too often first (429), and counts a failure against it.
+    A valid key is served whatever else came from its address, and no key at all is not an
+    attempt; only a key that fails is checked against its address's failures (429 past the
+    limit) and counted as one more.
     """
+    if key is None:
+        return None
     state = get_state(connection)
-    address = _client_address(connection)
-    state.auth_failures.check(address)
-    principal = None if key is None else await state.authenticator.principal_for(key)
+    principal = await state.authenticator.principal_for(key)
     if principal is None:
+        address = _client_address(connection)
+        state.auth_failures.check(address)
         await state.auth_failures.failed(address)
     return principal
 

@@ -19,6 +19,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from app.errors import GatewayError, NotFound
+from app.limits import create_gate
+from app.policy import check_tenant_caps
 from app.settings import Settings
 from app.tenancy.keys import parse_duration
 from app.tenancy.models import ApiKey, Scope, Tenant, TenantCreate
@@ -49,11 +51,15 @@ def _describe(exc: ValidationError) -> str:
     return f"{where}: {message}" if where else message
 
 
-def _redis_url() -> str:
+def _settings() -> Settings:
     try:
-        settings = Settings()
+        return Settings()
     except ValidationError as exc:
         raise _fail(f"invalid settings: {_describe(exc)}") from None
+
+
+def _redis_url() -> str:
+    settings = _settings()
     if settings.redis_url is None:
         raise _fail(
             "GATEWAY_REDIS_URL is not set: the CLI edits the store the gateway reads, which is "
@@ -68,6 +74,10 @@ def _where(url: str) -> str:
 
 
 def _run(action: Callable[[RedisTenantStore], Awaitable[_T]]) -> _T:
+    return _run_on_redis(lambda store, _: action(store))
+
+
+def _run_on_redis(action: Callable[[RedisTenantStore, Redis], Awaitable[_T]]) -> _T:
     url = _redis_url()
 
     async def main() -> _T:
@@ -78,7 +88,7 @@ def _run(action: Callable[[RedisTenantStore], Awaitable[_T]]) -> _T:
             client_name="pgw-cli",
         )
         try:
-            return await action(RedisTenantStore(redis))
+            return await action(RedisTenantStore(redis), redis)
         finally:
             await redis.aclose()
 
@@ -184,8 +194,11 @@ def create_tenant(
     }
     try:
         data = TenantCreate.model_validate(fields)
+        check_tenant_caps(data, _settings())
     except ValidationError as exc:
         raise _fail(_describe(exc)) from None
+    except GatewayError as exc:
+        raise _fail(exc.message) from None
     tenant = _run(lambda store: store.create_tenant(data))
     _print_tenant(tenant, as_json=as_json)
 
@@ -231,8 +244,19 @@ def show_tenant(
 
 @tenants_app.command("delete")
 def delete_tenant(tenant_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
-    """Delete a tenant and revoke all its keys."""
-    _run(lambda store: store.delete_tenant(tenant_id))
+    """Delete a tenant, revoking all its keys and dropping its usage and counters."""
+    settings = _settings()
+
+    async def delete(store: RedisTenantStore, redis: Redis) -> None:
+        tenant = await store.get_tenant(tenant_id)
+        if tenant is None:
+            raise NotFound(f"tenant '{tenant_id}' does not exist")
+        await store.delete_tenant(tenant_id)
+        # The gate that counts for the server, so the counters it wrote are the ones found.
+        gate = create_gate(redis, settings=settings, metrics=None)
+        await gate.forget(tenant)
+
+    _run_on_redis(delete)
     typer.echo(f"deleted tenant '{tenant_id}' and revoked its keys", err=True)
 
 

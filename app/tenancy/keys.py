@@ -74,6 +74,10 @@ def key_from_headers(authorization: str | None, x_api_key: str | None) -> str | 
     return value
 
 
+_UNIT_SECONDS: Final = {"s": 1, "m": 60, "h": 3_600, "d": 86_400, "w": 604_800}
+_MAX_DURATION_SECONDS: Final = 100 * 366 * 86_400
+
+
 def parse_duration(text: str) -> timedelta:
     """`30d`, `12h`, `90m`, `45s` or `2w` as a timedelta; ValueError says what is accepted."""
     match = _DURATION.match(text)
@@ -83,4 +87,7 @@ def parse_duration(text: str) -> timedelta:
             "and one unit)"
         )
     amount, unit = int(match.group(1)), match.group(2).lower()
+    # Bounded before a timedelta is built: a huge count overflows it (and any date after it).
+    if amount * _UNIT_SECONDS[unit] > _MAX_DURATION_SECONDS:
+        raise ValueError(f"{text!r} is longer than the longest lifetime of 100 years")
     return timedelta(**{_DURATION_UNITS[unit]: amount})

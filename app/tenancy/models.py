@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
-from limits import parse_many
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
+from limits import RateLimitItem, parse_many
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_serializer, field_validator
 from pydantic_core import PydanticCustomError
 
 __all__ = [
+    "MAX_INTEGER",
     "TENANT_ID_PATTERN",
     "ApiKey",
     "KeyCreate",
@@ -19,12 +20,53 @@ __all__ = [
     "Tenant",
     "TenantCreate",
     "TenantUpdate",
+    "check_rate_limit",
 ]
 
 TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 Scope = Literal["execute", "admin"]
+# The largest integer every JSON client reads exactly (a double's 53 bits): the contract's bound.
+MAX_INTEGER: Final = 2**53 - 1
+# "Longer than a year" is refused: a window nobody means, and TTLs Redis would refuse.
+_MAX_WINDOW_SECONDS: Final = 365 * 86_400
+# How stored tenants are read back (as they were written, before the bounds below existed).
 Cap = Annotated[int, Field(ge=-1)] | None
 PositiveOrNone = Annotated[int, Field(gt=0)] | None
+# What a client may send: JSON integers only (not "5", 5.0 or true), between the contract's
+# bounds, so nothing reaches Redis, orjson or Piston that they cannot hold.
+_Strict = Strict()
+InputCount = Annotated[int, _Strict, Field(ge=1, le=MAX_INTEGER)] | None
+InputTime = Annotated[int, _Strict, Field(ge=1, le=MAX_INTEGER)] | None
+InputMemory = Annotated[int, _Strict, Field(ge=-1, le=MAX_INTEGER)] | None
+InputBool = Annotated[bool, _Strict] | None
+# A window count as written ("1/0 second" is read by `limits` as one second).
+_WINDOW_COUNT = re.compile(r"(?:/|\bper\b)\s*(\d+)", re.IGNORECASE)
+
+
+def check_rate_limit(text: str) -> list[RateLimitItem]:
+    """The windows of a limit string, or ValueError naming what is wrong with it.
+
+    Beyond `limits`' syntax, a tenant must be able to run and every number must fit: an amount
+    of at least 1, amounts and window counts up to MAX_INTEGER, windows of at most a year.
+    """
+    try:
+        items = parse_many(text)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a rate limit like '60/minute' or '10/second;500/hour'"
+        ) from None
+    for part in re.split(r"[;,|]", text):
+        written = _WINDOW_COUNT.search(part)
+        if written is not None and int(written.group(1)) == 0:
+            raise ValueError(f"{part.strip()!r} has a window of 0; it must be at least 1")
+    for item in items:
+        if item.amount < 1:
+            raise ValueError(f"'{item}' allows no request; the amount must be at least 1")
+        if item.amount > MAX_INTEGER or item.multiples > MAX_INTEGER:
+            raise ValueError(f"'{item}' holds a number above the maximum of {MAX_INTEGER}")
+        if item.get_expiry() > _MAX_WINDOW_SECONDS:
+            raise ValueError(f"'{item}' has a window longer than a year")
+    return items
 
 
 def _default_scopes() -> list[Scope]:
@@ -50,15 +92,15 @@ class _TenantFields(BaseModel):
     name: str | None = Field(default=None, max_length=200)
     allowed_languages: list[str] | None = None
     rate_limit: str | None = None
-    max_concurrency: PositiveOrNone = None
-    daily_quota: PositiveOrNone = None
-    max_run_timeout: Cap = None
-    max_compile_timeout: Cap = None
-    max_run_cpu_time: Cap = None
-    max_compile_cpu_time: Cap = None
-    max_run_memory_limit: Cap = None
-    max_compile_memory_limit: Cap = None
-    cache: bool | None = None
+    max_concurrency: InputCount = None
+    daily_quota: InputCount = None
+    max_run_timeout: InputTime = None
+    max_compile_timeout: InputTime = None
+    max_run_cpu_time: InputTime = None
+    max_compile_cpu_time: InputTime = None
+    max_run_memory_limit: InputMemory = None
+    max_compile_memory_limit: InputMemory = None
+    cache: InputBool = None
 
     @field_validator("rate_limit")
     @classmethod
@@ -66,11 +108,18 @@ class _TenantFields(BaseModel):
         if value is None:
             return None
         try:
-            parse_many(value)
-        except ValueError:
-            raise _invalid(
-                f"{value!r} is not a rate limit like '60/minute' or '10/second;500/hour'"
-            ) from None
+            check_rate_limit(value)
+        except ValueError as exc:
+            raise _invalid(str(exc)) from None
+        return value
+
+    @field_validator("name", "allowed_languages")
+    @classmethod
+    def _no_nul(cls, value: str | list[str] | None) -> str | list[str] | None:
+        # A NUL ends a C string: a name or language that holds one is never what was meant.
+        texts = [value] if isinstance(value, str) else value or []
+        if any("\x00" in text for text in texts):
+            raise _invalid("must not contain a NUL character")
         return value
 
     @field_validator("allowed_languages")
@@ -160,6 +209,13 @@ class KeyCreate(BaseModel):
     name: str | None = Field(default=None, max_length=200)
     scopes: list[Scope] = Field(default_factory=lambda: _default_scopes(), min_length=1)
     expires_at: datetime | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise _invalid("must not contain a NUL character")
+        return value
 
     @field_validator("scopes")
     @classmethod

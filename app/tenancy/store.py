@@ -10,13 +10,17 @@ Redis layout (prefixes from `app.redis_keys`):
 Every write runs in MULTI/EXEC (with WATCH where it reads first) and publishes `key:<sha256>` or
 `tenant:<id>` on `pgw:invalidate` inside the same transaction, so a process caching lookups hears
 of a change exactly when it becomes visible.
+
+Given the process's `RedisOutage` (the gateway does; the CLI reports Redis errors itself), every
+call is answered 503 while Redis is unreachable, at once once the outage is known, never 500.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import functools
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Concatenate, Final, ParamSpec, Protocol, TypeVar
 
 import orjson
 from redis.asyncio import Redis
@@ -25,6 +29,7 @@ from redis.exceptions import WatchError
 
 from app import redis_keys
 from app.errors import Conflict, NotFound
+from app.redis_outage import OUTAGE_ERRORS, RedisOutage, RedisUnavailable
 from app.tenancy.keys import generate_key, generate_key_id, hash_key, key_prefix
 from app.tenancy.models import ApiKey, Scope, Tenant, TenantCreate, TenantUpdate
 
@@ -38,6 +43,7 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 # Fields whose None means "the default" in a PATCH, because the stored tenant can't hold None.
 _NOT_NULLABLE: Final = ("allowed_languages", "cache")
 _WATCH_RETRIES: Final = 20
@@ -145,11 +151,35 @@ def _load_key(raw: bytes | str) -> ApiKey:
     return ApiKey.model_validate_json(raw)
 
 
+def _guarded(
+    method: Callable[Concatenate[RedisTenantStore, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[RedisTenantStore, _P], Coroutine[Any, Any, _T]]:
+    """Redis unreachable: 503 (and the outage reported once), not the client's exception."""
+
+    @functools.wraps(method)
+    async def call(store: RedisTenantStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        outage = store._outage
+        if outage is None:
+            return await method(store, *args, **kwargs)
+        if outage.active:
+            raise RedisUnavailable("the tenant store")
+        try:
+            result = await method(store, *args, **kwargs)
+        except OUTAGE_ERRORS as exc:
+            outage.failed(exc, by="tenant_store")
+            raise RedisUnavailable("the tenant store") from None
+        outage.succeeded()
+        return result
+
+    return call
+
+
 class RedisTenantStore:
     """Tenants and keys in Redis, shared by every gateway process and the CLI."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, *, outage: RedisOutage | None = None) -> None:
         self._redis = redis
+        self._outage = outage
 
     async def _transaction(self, body: Callable[[Pipeline], Awaitable[_T]], *watch: str) -> _T:
         """Run `body` under WATCH (it reads, calls `_begin`, queues writes); retried on a race."""
@@ -164,6 +194,7 @@ class RedisTenantStore:
                     continue
         raise Conflict("the store is busy with concurrent changes to this item; try again")
 
+    @_guarded
     async def create_tenant(self, data: TenantCreate) -> Tenant:
         tenant = _new_tenant(data)
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -175,10 +206,12 @@ class RedisTenantStore:
             raise Conflict(f"tenant '{tenant.id}' already exists")
         return tenant
 
+    @_guarded
     async def get_tenant(self, tenant_id: str) -> Tenant | None:
         raw = await self._redis.get(redis_keys.TENANT + tenant_id)
         return None if raw is None else _load_tenant(raw)
 
+    @_guarded
     async def list_tenants(self) -> list[Tenant]:
         ids = sorted(_text(item) for item in await self._redis.smembers(redis_keys.TENANT_INDEX))
         if not ids:
@@ -186,6 +219,7 @@ class RedisTenantStore:
         raws = await self._redis.mget([redis_keys.TENANT + tenant_id for tenant_id in ids])
         return [_load_tenant(raw) for raw in raws if raw is not None]
 
+    @_guarded
     async def update_tenant(self, tenant_id: str, patch: TenantUpdate) -> Tenant:
         key = redis_keys.TENANT + tenant_id
 
@@ -201,6 +235,7 @@ class RedisTenantStore:
 
         return await self._transaction(body, key)
 
+    @_guarded
     async def delete_tenant(self, tenant_id: str) -> None:
         tenant_key = redis_keys.TENANT + tenant_id
         keys_set = redis_keys.TENANT_KEYS + tenant_id
@@ -229,6 +264,7 @@ class RedisTenantStore:
         # Watching the key set too: a key minted mid-delete retries the delete rather than survive.
         await self._transaction(body, tenant_key, keys_set)
 
+    @_guarded
     async def create_key(
         self,
         tenant_id: str,
@@ -254,6 +290,7 @@ class RedisTenantStore:
         await self._transaction(body, tenant_key)
         return key, secret
 
+    @_guarded
     async def list_keys(self, tenant_id: str) -> list[ApiKey]:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.exists(redis_keys.TENANT + tenant_id)
@@ -271,6 +308,7 @@ class RedisTenantStore:
         raws = await self._redis.mget([redis_keys.KEY + digest for digest in present])
         return _sorted_keys([_load_key(raw) for raw in raws if raw is not None])
 
+    @_guarded
     async def revoke_key(self, key_id: str) -> ApiKey:
         raw_digest = await self._redis.get(redis_keys.KEY_BY_ID + key_id)
         if raw_digest is None:
@@ -289,6 +327,7 @@ class RedisTenantStore:
 
         return await self._transaction(body, record)
 
+    @_guarded
     async def key_by_hash(self, digest: str) -> ApiKey | None:
         raw = await self._redis.get(redis_keys.KEY + digest)
         return None if raw is None else _load_key(raw)
@@ -367,6 +406,6 @@ class MemoryTenantStore:
         return self._keys.get(digest)
 
 
-def create_store(redis: Redis | None) -> TenantStore:
+def create_store(redis: Redis | None, *, outage: RedisOutage | None = None) -> TenantStore:
     """The Redis store when Redis is configured, else the in-process one."""
-    return MemoryTenantStore() if redis is None else RedisTenantStore(redis)
+    return MemoryTenantStore() if redis is None else RedisTenantStore(redis, outage=outage)

@@ -110,11 +110,42 @@ class TestTenants:
             (("tenants", "create", "Bad Id"), "is not a tenant id"),
             (("tenants", "create", "x1", "--rate-limit", "lots"), "rate_limit"),
             (("tenants", "create", "x2", "--max-concurrency", "0"), "max_concurrency"),
+            (("tenants", "create", "x3", "--max-concurrency", "9" * 25), "max_concurrency"),
+            (("tenants", "create", "x4", "--daily-quota", str(2**64)), "daily_quota"),
+            (
+                ("tenants", "create", "x5", "--max-run-timeout", "999999"),
+                "max_run_timeout: 999999 is above the global maximum of 3000",
+            ),
+            (("tenants", "create", "x6", "--rate-limit", "0/minute"), "allows no request"),
+            (("tenants", "create", "x7", "--rate-limit", "1/0 second"), "window of 0"),
+            (("tenants", "delete", "nobody"), "tenant 'nobody' does not exist"),
             (("tenants", "show", "nobody"), "tenant 'nobody' does not exist"),
         ],
     )
     def test_errors(self, redis_url: str, args: tuple[str, ...], message: str) -> None:
         _assert_one_line_error(run(*args, redis_url=redis_url), message)
+
+    def test_delete_then_recreate_starts_from_zero(self, server: Service, redis_url: str) -> None:
+        body = {"language": "python", "version": "*", "files": [{"content": "print(5)"}]}
+
+        def execute(key: str, stdin: str) -> int:
+            return httpx.post(
+                f"{server.url}/api/v2/execute",
+                json={**body, "stdin": stdin},
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=30,
+            ).status_code
+
+        ok("tenants", "create", "cli-reborn", "--daily-quota", "1", redis_url=redis_url)
+        key = ok("keys", "create", "cli-reborn", redis_url=redis_url).strip()
+        assert execute(key, "a") == 200
+        assert execute(key, "b") == 429  # the day's quota is spent
+        ok("tenants", "delete", "cli-reborn", redis_url=redis_url)
+        ok("tenants", "create", "cli-reborn", "--daily-quota", "1", redis_url=redis_url)
+        key = ok("keys", "create", "cli-reborn", redis_url=redis_url).strip()
+        assert execute(key, "c") == 200  # a new tenant under the old id: a fresh quota
+        usage = httpx.get(f"{server.url}/admin/tenants/cli-reborn/usage", headers=ADMIN).json()
+        assert usage["days"][0]["executions"] == 1
 
     def test_duplicate(self, redis_url: str) -> None:
         ok("tenants", "create", "cli-dup", redis_url=redis_url)
@@ -177,6 +208,8 @@ class TestKeys:
         [
             (("keys", "create", "nobody"), "tenant 'nobody' does not exist"),
             (("keys", "create", "cli-keys", "--expires-in", "soon"), "--expires-in"),
+            (("keys", "create", "cli-keys", "--expires-in", "99999999d"), "100 years"),
+            (("keys", "create", "cli-keys", "--expires-in", "9" * 30 + "w"), "100 years"),
             (("keys", "list", "nobody"), "tenant 'nobody' does not exist"),
             (
                 ("keys", "revoke", "key_0000000000000000"),

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, Gateway
+from tests.conftest import ADMIN_KEY, Gateway, GatewayFactory
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
@@ -293,6 +293,28 @@ class TestDeleteTenant:
         response = await _admin(gateway, "DELETE", "/tenants/nobody")
         assert response.status_code == 404
 
+    @pytest.mark.parametrize("redis", [True, False], ids=["redis", "in-process"])
+    async def test_recreated_tenant_starts_from_zero(
+        self, make_gateway: GatewayFactory, redis: bool
+    ) -> None:
+        """Its usage, rate-limit window, daily quota and concurrency all go with the tenant."""
+        gateway = await make_gateway(**({} if redis else {"redis_url": None}))
+        body = {"language": "python", "version": "*", "files": [{"content": "print(3)"}]}
+        policy = {"rate_limit": "2/hour", "daily_quota": 2, "max_concurrency": 1}
+        key = await gateway.tenant("acme", **policy)
+        for stdin in ("a", "b"):
+            assert (await gateway.execute(key, {**body, "stdin": stdin})).status_code == 200
+        assert (await gateway.execute(key, {**body, "stdin": "c"})).status_code == 429
+        assert (await _admin(gateway, "DELETE", "/tenants/acme")).status_code == 204
+
+        key = await gateway.tenant("acme", **policy)
+        usage = (await _admin(gateway, "GET", "/tenants/acme/usage")).json()["days"][0]
+        assert usage["executions"] == 0
+        assert usage["rate_limited"] == 0
+        first = await gateway.execute(key, {**body, "stdin": "d"})
+        assert first.status_code == 200, first.text
+        assert first.headers["x-ratelimit-remaining"] == "1"
+
 
 class TestUsage:
     async def test_shape(self, gateway: Gateway) -> None:
@@ -348,3 +370,217 @@ class TestOpenApi:
                 assert {"401", "403"} <= set(operation["responses"]), (path, method)
                 assert operation["summary"], (path, method)
                 assert operation.get("description"), (path, method)
+
+
+BIG = 2**53  # one past the contract's largest integer
+INTEGER_FIELDS = [
+    ("max_concurrency", 1),
+    ("daily_quota", 1),
+    ("max_run_timeout", 1),
+    ("max_compile_timeout", 1),
+    ("max_run_cpu_time", 1),
+    ("max_compile_cpu_time", 1),
+    ("max_run_memory_limit", -1),
+    ("max_compile_memory_limit", -1),
+]
+
+
+class TestStrictFields:
+    """Every integer bounded, every field of its own JSON type only, on POST and on PATCH."""
+
+    @pytest.mark.parametrize(("field", "minimum"), INTEGER_FIELDS)
+    @pytest.mark.parametrize(
+        "value",
+        [BIG, 2**64, 2**70, 10**30, "5", 5.0, True],
+        ids=["2^53", "2^64", "2^70", "1e30", "string", "float", "bool"],
+    )
+    @pytest.mark.parametrize("method", ["POST", "PATCH"])
+    async def test_integer_field_refused(
+        self, gateway: Gateway, field: str, minimum: int, value: object, method: str
+    ) -> None:
+        if method == "PATCH":
+            await _create(gateway, {"id": "acme"})
+            response = await _admin(gateway, "PATCH", "/tenants/acme", {field: value})
+        else:
+            response = await _admin(gateway, "POST", "/tenants", {"id": "acme", field: value})
+        assert response.status_code == 400, response.text
+        assert list(response.json()) == ["message"]
+        assert response.json()["message"].startswith(f"{field}:")
+
+    @pytest.mark.parametrize(("field", "minimum"), INTEGER_FIELDS)
+    async def test_integer_bounds(self, gateway: Gateway, field: str, minimum: int) -> None:
+        below = await _admin(gateway, "POST", "/tenants", {"id": "acme", field: minimum - 1})
+        assert below.status_code == 400, below.text
+        assert below.json()["message"].startswith(f"{field}:")
+        at_minimum = await _admin(gateway, "POST", "/tenants", {"id": "acme", field: minimum})
+        assert at_minimum.status_code == 201, at_minimum.text
+        assert at_minimum.json()[field] == minimum
+
+    async def test_largest_integer_is_stored(self, gateway: Gateway) -> None:
+        created = await _admin(gateway, "POST", "/tenants", {"id": "acme", "daily_quota": BIG - 1})
+        assert created.status_code == 201, created.text
+        assert created.json()["daily_quota"] == BIG - 1
+
+    @pytest.mark.parametrize("value", ["yes", 0, 1, "true", 1.0])
+    async def test_boolean_field_refused(self, gateway: Gateway, value: object) -> None:
+        response = await _admin(gateway, "POST", "/tenants", {"id": "acme", "cache": value})
+        assert response.status_code == 400, response.text
+        assert response.json()["message"].startswith("cache:")
+        await _create(gateway, {"id": "acme"})
+        patched = await _admin(gateway, "PATCH", "/tenants/acme", {"cache": value})
+        assert patched.status_code == 400, patched.text
+        assert patched.json()["message"].startswith("cache:")
+
+    @pytest.mark.parametrize(
+        "body",
+        [{"id": "acme", "name": "Ac\x00me"}, {"id": "acme", "allowed_languages": ["py\x00"]}],
+    )
+    async def test_nul_is_400(self, gateway: Gateway, body: dict[str, Any]) -> None:
+        response = await _admin(gateway, "POST", "/tenants", body)
+        assert response.status_code == 400, response.text
+        assert "NUL" in response.json()["message"]
+
+    async def test_nul_in_key_name_is_400(self, gateway: Gateway) -> None:
+        await _create(gateway, {"id": "acme"})
+        response = await _admin(gateway, "POST", "/tenants/acme/keys", {"name": "a\x00b"})
+        assert response.status_code == 400, response.text
+        assert response.json()["message"].startswith("name:")
+
+
+class TestRateLimitThatCannotRun:
+    @pytest.mark.parametrize(
+        ("limit", "says"),
+        [
+            ("0/minute", "allows no request"),
+            ("0/second", "allows no request"),
+            ("5/minute;0/hour", "allows no request"),
+            ("1/0 second", "window of 0"),
+            ("1/9999999999999999999 years", "above the maximum"),
+            ("1/2 years", "longer than a year"),
+            ("1/400 days", "longer than a year"),
+            ("9999999999999999999999/second", "above the maximum"),
+            (f"{2**53}/second", "above the maximum"),
+        ],
+    )
+    @pytest.mark.parametrize("method", ["POST", "PATCH"])
+    async def test_refused(self, gateway: Gateway, limit: str, says: str, method: str) -> None:
+        if method == "PATCH":
+            await _create(gateway, {"id": "acme"})
+            response = await _admin(gateway, "PATCH", "/tenants/acme", {"rate_limit": limit})
+        else:
+            response = await _admin(
+                gateway, "POST", "/tenants", {"id": "acme", "rate_limit": limit}
+            )
+        assert response.status_code == 400, response.text
+        message = response.json()["message"]
+        assert message.startswith("rate_limit:"), message
+        assert says in message, message
+
+    @pytest.mark.parametrize("limit", ["1/year", "1/365 days", "10/second;500/hour", "1/12 months"])
+    async def test_accepted(self, gateway: Gateway, limit: str) -> None:
+        response = await _admin(gateway, "POST", "/tenants", {"id": "acme", "rate_limit": limit})
+        assert response.status_code == 201, response.text
+
+
+class TestCapsWithinGlobalMaximums:
+    @pytest.mark.parametrize(
+        ("field", "value", "setting"),
+        [
+            ("max_run_timeout", 3001, "GATEWAY_MAX_RUN_TIMEOUT"),
+            ("max_compile_timeout", 10_001, "GATEWAY_MAX_COMPILE_TIMEOUT"),
+            ("max_run_cpu_time", 3001, "GATEWAY_MAX_RUN_CPU_TIME"),
+            ("max_compile_cpu_time", 10_001, "GATEWAY_MAX_COMPILE_CPU_TIME"),
+        ],
+    )
+    @pytest.mark.parametrize("method", ["POST", "PATCH"])
+    async def test_above_the_global_maximum_is_400(
+        self, gateway: Gateway, field: str, value: int, setting: str, method: str
+    ) -> None:
+        if method == "PATCH":
+            await _create(gateway, {"id": "acme"})
+            response = await _admin(gateway, "PATCH", "/tenants/acme", {field: value})
+        else:
+            response = await _admin(gateway, "POST", "/tenants", {"id": "acme", field: value})
+        assert response.status_code == 400, response.text
+        message = response.json()["message"]
+        assert message.startswith(f"{field}:"), message
+        assert f"global maximum of {value - 1}" in message, message
+        assert setting in message, message
+        if method == "PATCH":
+            stored = await _admin(gateway, "GET", "/tenants/acme")
+            assert stored.json()[field] is None  # nothing was stored
+
+    async def test_at_the_global_maximum_is_stored(self, gateway: Gateway) -> None:
+        response = await _admin(
+            gateway, "POST", "/tenants", {"id": "acme", "max_run_timeout": 3000}
+        )
+        assert response.status_code == 201, response.text
+
+    async def test_memory_cap_without_a_global_maximum(self, gateway: Gateway) -> None:
+        # GATEWAY_MAX_RUN_MEMORY_LIMIT is -1 (none) by default: any bounded cap is the tenant's.
+        body = {"id": "acme", "max_run_memory_limit": BIG - 1}
+        response = await _admin(gateway, "POST", "/tenants", body)
+        assert response.status_code == 201, response.text
+
+
+ADMIN_BODY_ROUTES = [
+    ("POST", "/admin/tenants"),
+    ("PATCH", "/admin/tenants/acme"),
+    ("POST", "/admin/tenants/acme/keys"),
+]
+
+
+class TestKeyBeforeBody:
+    """The key is checked before the body is read or parsed, on every admin route with one."""
+
+    @pytest.mark.parametrize(("method", "path"), ADMIN_BODY_ROUTES)
+    @pytest.mark.parametrize("headers", [{}, {"X-API-Key": "pgw_wrong"}], ids=["none", "wrong"])
+    async def test_malformed_body_without_key_is_401(
+        self, gateway: Gateway, method: str, path: str, headers: dict[str, str]
+    ) -> None:
+        response = await gateway.client.request(
+            method,
+            path,
+            content=b"{nope",
+            headers={**headers, "Content-Type": "application/json"},
+        )
+        assert response.status_code == 401, response.text
+        assert response.headers["www-authenticate"] == "Bearer"
+
+    @pytest.mark.parametrize(("method", "path"), ADMIN_BODY_ROUTES)
+    async def test_body_is_not_read_without_key(
+        self, gateway: Gateway, method: str, path: str
+    ) -> None:
+        read: list[int] = []
+
+        async def body() -> Any:
+            for _ in range(64):  # 4 MiB if read whole; the 401 must come before any of it
+                read.append(1)
+                yield b"x" * 65_536
+
+        response = await gateway.client.request(
+            method, path, content=body(), headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 401, response.text
+        assert len(read) <= 1, f"{len(read)} chunks of the body were read before the 401"
+
+    @pytest.mark.parametrize(("method", "path"), ADMIN_BODY_ROUTES)
+    async def test_large_body_with_key_is_413(
+        self, gateway: Gateway, method: str, path: str
+    ) -> None:
+        await _create(gateway, {"id": "acme"})
+        big = b'{"name": "' + b"x" * 100_000 + b'"}'
+        response = await gateway.client.request(
+            method, path, content=big, headers={**ADMIN, "Content-Type": "application/json"}
+        )
+        assert response.status_code == 413, response.text
+        assert list(response.json()) == ["message"]
+
+    async def test_malformed_body_with_key_is_400(self, gateway: Gateway) -> None:
+        response = await gateway.client.post(
+            "/admin/tenants",
+            content=b"{nope",
+            headers={**ADMIN, "Content-Type": "application/json"},
+        )
+        assert response.status_code == 400
+        assert response.json() == {"message": "request body is not valid JSON"}

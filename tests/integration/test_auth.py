@@ -220,7 +220,7 @@ class TestLiveChanges:
 class TestAuthFailureLimit:
     async def test_guessing_gets_429(self, make_gateway: GatewayFactory) -> None:
         gateway = await make_gateway(auth_failure_rate_limit="3/minute")
-        key = await gateway.tenant("acme")
+        await gateway.tenant("acme")
         statuses = [
             (
                 await gateway.client.get("/api/v2/runtimes", headers={"X-API-Key": f"pgw_guess{i}"})
@@ -229,7 +229,36 @@ class TestAuthFailureLimit:
         ]
         assert statuses[:3] == [401, 401, 401]
         assert statuses[-1] == 429
-        # Even a good key from that address waits: the limit is on the address, not the key.
-        blocked = await gateway.client.get("/api/v2/runtimes", headers={"X-API-Key": key})
+        blocked = await gateway.client.get("/api/v2/runtimes", headers={"X-API-Key": "pgw_x"})
         assert blocked.status_code == 429
-        assert "retry-after" in blocked.headers
+        assert int(blocked.headers["retry-after"]) >= 1
+        assert "message" in blocked.json()
+
+    async def test_valid_key_is_never_refused_for_others_failures(
+        self, make_gateway: GatewayFactory
+    ) -> None:
+        """One office behind a NAT: one user's typos must not lock the others out."""
+        gateway = await make_gateway(auth_failure_rate_limit="3/minute")
+        key = await gateway.tenant("acme")
+        for i in range(5):
+            await gateway.client.get("/api/v2/runtimes", headers={"X-API-Key": f"pgw_guess{i}"})
+        for _ in range(3):
+            served = await gateway.client.get("/api/v2/runtimes", headers={"X-API-Key": key})
+            assert served.status_code == 200, served.text
+        still = await gateway.client.get("/api/v2/runtimes", headers={"X-API-Key": "pgw_guess9"})
+        assert still.status_code == 429  # the failures are still limited
+
+    async def test_keyless_request_is_not_an_attempt(self, make_gateway: GatewayFactory) -> None:
+        gateway = await make_gateway(auth_failure_rate_limit="3/minute")
+        for _ in range(6):
+            keyless = await gateway.client.get("/api/v2/runtimes")
+            assert keyless.status_code == 401
+            assert keyless.headers["www-authenticate"] == "Bearer"
+        # None of them counted: three real failures are still 401, the fourth 429.
+        statuses = [
+            (
+                await gateway.client.get("/api/v2/runtimes", headers={"X-API-Key": f"pgw_g{i}"})
+            ).status_code
+            for i in range(4)
+        ]
+        assert statuses == [401, 401, 401, 429]

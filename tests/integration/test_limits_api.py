@@ -7,7 +7,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
+from redis.asyncio import Redis
 
 from tests.conftest import ADMIN_KEY, Gateway, GatewayFactory
 from tests.fakes import FakePiston, serve_fake
@@ -135,7 +137,20 @@ class TestRedisOutage:
         gateway = await make_gateway(redis_url=redis.url, **extra)
         key = await gateway.tenant(rate_limit="100/minute")
         assert (await gateway.execute(key, PY)).status_code == 200  # key now in the key cache
+        # Saved, so that the restarted server (same port, same dir) still knows the key.
+        saver = Redis.from_url(redis.url)
+        await saver.save()
+        await saver.aclose()
         return gateway, key
+
+    async def _recovered(self, gateway: Gateway, key: str) -> httpx.Response:
+        """The first answer counted in Redis again, within the contract's 5 s."""
+        async with asyncio.timeout(5):
+            while True:
+                back = await gateway.execute(key, {**PY, "stdin": "2"})
+                if back.status_code != 503 and back.headers.get("x-cache") != "BYPASS":
+                    return back
+                await asyncio.sleep(0.05)
 
     async def test_fail_closed_then_recovers(
         self, make_gateway: GatewayFactory, own_redis: RedisServer
@@ -148,7 +163,7 @@ class TestRedisOutage:
         assert (await gateway.client.get("/healthz")).status_code == 200
         assert (await gateway.client.get("/readyz")).status_code == 503
         own_redis.start()
-        back = await gateway.execute(key, {**PY, "stdin": "2"})
+        back = await self._recovered(gateway, key)
         assert back.status_code == 200
         assert back.headers["x-cache"] == "MISS"
 
@@ -160,9 +175,34 @@ class TestRedisOutage:
         served = await gateway.execute(key, {**PY, "stdin": "1"})
         assert served.status_code == 200
         assert served.json()["run"]["stdout"] == "hi\n"
-        assert served.headers["x-cache"] in ("MISS", "BYPASS")
+        assert served.headers["x-cache"] == "BYPASS"
+        assert "x-ratelimit-limit" not in served.headers  # nothing was counted
         own_redis.start()
-        assert (await gateway.execute(key, {**PY, "stdin": "2"})).status_code == 200
+        back = await self._recovered(gateway, key)
+        assert back.status_code == 200
+        assert back.headers["x-ratelimit-limit"] == "100"
+
+    async def test_admin_api_and_unseen_keys_are_503(
+        self, make_gateway: GatewayFactory, own_redis: RedisServer
+    ) -> None:
+        gateway, _ = await self._gateway(make_gateway, own_redis, rate_limit_fail_open=True)
+        unseen = await gateway.tenant("fresh")  # minted, never used: not in the key cache
+        own_redis.stop()
+        admin = {"X-API-Key": ADMIN_KEY}
+        for method, path in [
+            ("GET", "/admin/tenants"),
+            ("GET", "/admin/tenants/fresh"),
+            ("PATCH", "/admin/tenants/fresh"),
+            ("POST", "/admin/tenants/fresh/keys"),
+            ("GET", "/admin/tenants/fresh/usage"),
+        ]:
+            answer = await gateway.client.request(method, path, headers=admin, json={})
+            assert answer.status_code == 503, (path, answer.text)
+            assert "Redis" in answer.json()["message"]
+            assert int(answer.headers["retry-after"]) >= 1
+        refused = await gateway.execute(unseen, PY)  # cannot be checked: 503, never 401
+        assert refused.status_code == 503, refused.text
+        assert int(refused.headers["retry-after"]) >= 1
 
 
 class TestFailedAuthentication:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -10,6 +11,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from redis.asyncio import Redis
 
+from app import redis_keys
+from app.errors import ServiceUnavailable
 from app.tenancy import auth as auth_module
 from app.tenancy.auth import ADMIN_TENANT_ID, Authenticator
 from app.tenancy.keys import hash_key
@@ -285,3 +288,76 @@ class TestMemoryStore:
         await store.revoke_key(key.id)
         assert await authenticator.principal_for(secret) is None
         await authenticator.close()
+
+
+class TestRedisOutage:
+    """Redis unreachable: verified keys work on for `outage_seconds`, others are 503."""
+
+    @pytest.fixture
+    async def down(self) -> AsyncIterator[tuple[RedisServer, Redis, RedisTenantStore]]:
+        own = RedisServer()
+        own.start()
+        client = Redis.from_url(own.url, socket_connect_timeout=0.5, socket_timeout=1.0)
+        yield own, client, RedisTenantStore(client)
+        await client.aclose()
+        own.stop()
+
+    async def test_verified_key_served_unseen_key_503(
+        self, down: tuple[RedisServer, Redis, RedisTenantStore]
+    ) -> None:
+        server, client, store = down
+        await store.create_tenant(TenantCreate(id="acme"))
+        _, verified = await store.create_key("acme")
+        _, unseen = await store.create_key("acme")
+        # A key cache of 0.05 s: past it, only the outage grace keeps the key working.
+        authenticator = await _authenticator(store, client, cache_seconds=0.05, outage_seconds=60)
+        try:
+            assert await authenticator.principal_for(verified) is not None
+            server.stop()
+            await asyncio.sleep(0.1)  # the cached entry is no longer fresh
+            for _ in range(3):
+                principal = await authenticator.principal_for(verified)
+                assert principal is not None
+                assert principal.tenant.id == "acme"
+                with pytest.raises(ServiceUnavailable) as info:
+                    await authenticator.principal_for(unseen)
+                assert info.value.status_code == 503
+                assert int(info.value.headers["Retry-After"]) >= 1
+        finally:
+            await authenticator.close()
+
+    async def test_grace_ends(self, down: tuple[RedisServer, Redis, RedisTenantStore]) -> None:
+        server, client, store = down
+        await store.create_tenant(TenantCreate(id="acme"))
+        _, verified = await store.create_key("acme")
+        authenticator = await _authenticator(store, client, cache_seconds=0.05, outage_seconds=0.3)
+        try:
+            assert await authenticator.principal_for(verified) is not None
+            server.stop()
+            await asyncio.sleep(0.4)  # past the grace: it cannot be checked any more
+            with pytest.raises(ServiceUnavailable):
+                await authenticator.principal_for(verified)
+        finally:
+            await authenticator.close()
+
+    async def test_revoked_while_deaf_is_not_served_in_a_later_outage(
+        self, down: tuple[RedisServer, Redis, RedisTenantStore]
+    ) -> None:
+        server, client, store = down
+        await store.create_tenant(TenantCreate(id="acme"))
+        key, secret = await store.create_key("acme")
+        authenticator = await _authenticator(store, client, cache_seconds=0.05, outage_seconds=60)
+        try:
+            assert await authenticator.principal_for(secret) is not None
+            # Revoked behind the authenticator's back (no invalidation reaches it).
+            raw = await client.get(redis_keys.KEY + key.hash)
+            assert raw is not None
+            revoked = {**key.model_dump(mode="json"), "hash": key.hash, "revoked": True}
+            await client.set(redis_keys.KEY + key.hash, json.dumps(revoked))
+            await asyncio.sleep(0.1)
+            assert await authenticator.principal_for(secret) is None  # re-read: revoked
+            server.stop()
+            with pytest.raises(ServiceUnavailable):
+                await authenticator.principal_for(secret)
+        finally:
+            await authenticator.close()
