@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, cast, get_args
 
 from app.errors import BadRequest
-from app.piston.client import stage_times
+from app.upstream.pool import stage_times
 
 __all__ = [
     "BATCH_FIELDS",

@@ -21,19 +21,19 @@ from redis.asyncio.sentinel import Sentinel, SentinelManagedSSLConnection
 from redis.backoff import NoBackoff
 
 from app import __version__
-from app.cache import SingleFlight
+from app.cache.flight import SingleFlight
 from app.errors import install_error_handlers
-from app.http import RequestContextMiddleware, UnexpectedErrorMiddleware
 from app.limits import AuthFailureLimiter, UpstreamSlots, create_gate
 from app.logging import configure_logging
 from app.metrics import Metrics
-from app.piston.client import PistonPool
-from app.piston.runtimes import RuntimeCatalog
+from app.middleware import RequestContextMiddleware, UnexpectedErrorMiddleware
 from app.redis_outage import RedisOutage
 from app.settings import RedisSentinelSettings, Settings, sentinel_address
 from app.state import AppState
-from app.tenancy.auth import Authenticator
+from app.tenancy.authenticator import Authenticator
 from app.tenancy.store import create_store
+from app.upstream.catalog import RuntimeCatalog
+from app.upstream.pool import PistonPool
 
 __all__ = ["create_app", "open_redis"]
 

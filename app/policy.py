@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from app.errors import BadRequest, Forbidden
-from app.piston.resolve import Runtime
-from app.piston.schemas import LIMIT_FIELDS, ExecuteRequest, enforce_caps
+from app.protocol.resolve import Runtime
+from app.protocol.schemas import LIMIT_FIELDS, ExecuteRequest, enforce_caps
 from app.settings import Settings, StageCaps
 from app.tenancy.models import Tenant, TenantCreate, TenantUpdate
 

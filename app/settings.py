@@ -17,7 +17,7 @@ __all__ = ["RedisSentinelSettings", "Settings", "StageCaps", "sentinel_address"]
 
 NonNegative = Annotated[int, Field(ge=0)]
 Positive = Annotated[int, Field(gt=0)]
-# `dns+http://NAME:PORT`: every address NAME resolves to is an upstream (app.piston.discovery).
+# `dns+http://NAME:PORT`: every address NAME resolves to is an upstream (app.upstream.discovery).
 DnsHttpUrl = Annotated[AnyUrl, UrlConstraints(allowed_schemes=["dns+http"], host_required=True)]
 _LOCAL_ENGINE: list[AnyHttpUrl | AnyUrl] = [AnyHttpUrl("http://127.0.0.1:2000")]
 

@@ -16,13 +16,13 @@ from app.metrics import Metrics
 from app.settings import Settings
 
 if TYPE_CHECKING:
-    from app.cache import SingleFlight
+    from app.cache.flight import SingleFlight
     from app.limits import AuthFailureLimiter, Gate, UpstreamSlots
-    from app.piston.client import PistonPool
-    from app.piston.runtimes import RuntimeCatalog
     from app.redis_outage import RedisOutage
-    from app.tenancy.auth import Authenticator
+    from app.tenancy.authenticator import Authenticator
     from app.tenancy.store import TenantStore
+    from app.upstream.catalog import RuntimeCatalog
+    from app.upstream.pool import PistonPool
 
 __all__ = ["AppState", "StateDep", "get_state"]
 

@@ -15,10 +15,10 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from app.errors import NotFound, message_responses
-from app.http import read_json_body
+from app.middleware import read_json_body
 from app.policy import check_tenant_caps
 from app.state import AppState, StateDep
-from app.tenancy.auth import require_scope
+from app.tenancy.authenticator import require_scope
 from app.tenancy.models import ApiKey, KeyCreate, Tenant, TenantCreate, TenantUpdate
 
 __all__ = ["MintedKey", "Usage", "UsageDay", "router"]

@@ -36,11 +36,11 @@ from starlette.responses import Response
 from app.api.piston import _cache_plan, _CachePlan, _effective, _execute_once, _timing
 from app.batch import BatchRequest, CaseResult, answer_json, parse_batch, stops_batch, verdict
 from app.errors import GatewayError, message_responses
-from app.http import json_response, read_json_body
-from app.piston.resolve import Runtime
-from app.piston.schemas import ExecuteRequest
+from app.middleware import json_response, read_json_body
+from app.protocol.resolve import Runtime
+from app.protocol.schemas import ExecuteRequest
 from app.state import AppState, get_state
-from app.tenancy.auth import authorize
+from app.tenancy.authenticator import authorize
 from app.tenancy.models import Tenant
 
 __all__ = ["BATCH_REQUEST_SCHEMA", "BATCH_RESPONSE_SCHEMA", "router"]

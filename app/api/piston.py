@@ -15,13 +15,26 @@ import orjson
 from fastapi import APIRouter, Depends, Request, WebSocket
 from starlette.responses import Response
 
-from app.cache import CacheMode, cache_digest, cache_key, cache_mode
+from app.cache.flight import CacheMode, cache_digest, cache_key, cache_mode
 from app.errors import BadGateway, GatewayError, ServiceUnavailable, message_responses
-from app.http import json_response, read_json_body
 from app.limits import Admission
 from app.limits.slots import Reservation
-from app.piston.client import UpstreamAnswer, upstream_error
-from app.piston.connect import (
+from app.middleware import json_response, read_json_body
+from app.policy import effective_caps, effective_request, language_allowed
+from app.protocol.resolve import Runtime
+from app.protocol.schemas import (
+    EXECUTE_REQUEST_SCHEMA,
+    EXECUTE_RESPONSE_SCHEMA,
+    ExecuteRequest,
+    parse_execute,
+)
+from app.settings import Settings
+from app.state import AppState, StateDep, get_state
+from app.tenancy.authenticator import PrincipalDep, authorize, identify, require_scope
+from app.tenancy.keys import key_from_headers
+from app.tenancy.models import Principal, Tenant
+from app.upstream.pool import UpstreamAnswer, upstream_error
+from app.upstream.relay import (
     ClientGone,
     Inbox,
     MessageRefused,
@@ -33,19 +46,6 @@ from app.piston.connect import (
     relay,
     ws_url,
 )
-from app.piston.resolve import Runtime
-from app.piston.schemas import (
-    EXECUTE_REQUEST_SCHEMA,
-    EXECUTE_RESPONSE_SCHEMA,
-    ExecuteRequest,
-    parse_execute,
-)
-from app.policy import effective_caps, effective_request, language_allowed
-from app.settings import Settings
-from app.state import AppState, StateDep, get_state
-from app.tenancy.auth import PrincipalDep, authorize, identify, require_scope
-from app.tenancy.keys import key_from_headers
-from app.tenancy.models import Principal, Tenant
 
 __all__ = ["router"]
 

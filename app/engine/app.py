@@ -12,8 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from app.engine.config import EngineSettings
-from app.engine.connect import connect
 from app.engine.jobs import Engine
+from app.engine.sessions import connect
 from app.errors import (
     BadRequest,
     NotImplementedByEngine,
@@ -22,7 +22,7 @@ from app.errors import (
     install_error_handlers,
     message_responses,
 )
-from app.piston.schemas import parse_execute
+from app.protocol.schemas import parse_execute
 
 __all__ = ["create_app"]
 

@@ -14,7 +14,7 @@ from typing import Annotated
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.piston.schemas import LIMIT_FIELDS
+from app.protocol.schemas import LIMIT_FIELDS
 
 __all__ = ["UID_BLOCK_SIZE", "EngineSettings"]
 

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from app.engine.config import EngineSettings
 from app.engine.disk import mount_job_disk, unmount
-from app.engine.runtimes import SPECS, HostRuntime, find_tool, host_runtime, locate
+from app.engine.host_runtimes import SPECS, HostRuntime, find_tool, host_runtime, locate
 from app.engine.sandbox import (
     SCRATCH_DIRS,
     LiveIO,
@@ -29,8 +29,8 @@ from app.engine.sandbox import (
     sweep_uid,
 )
 from app.errors import BadRequest
-from app.piston.resolve import Runtime, resolve_runtime, unknown_runtime_message
-from app.piston.schemas import (
+from app.protocol.resolve import Runtime, resolve_runtime, unknown_runtime_message
+from app.protocol.schemas import (
     ExecuteRequest,
     decode_content,
     enforce_caps,

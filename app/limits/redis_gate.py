@@ -42,7 +42,7 @@ from app.limits.gate import (
     windows_for,
 )
 from app.metrics import Metrics
-from app.redis_keys import CONCURRENCY, QUOTA, RATE_LIMIT, USAGE
+from app.redis import CONCURRENCY, QUOTA, RATE_LIMIT, USAGE
 from app.redis_outage import (
     OUTAGE_ERRORS,
     REDIS_DEADLINE_S,

@@ -1,7 +1,7 @@
 """Where tenants and keys live: one Protocol, a Redis store (shared by every replica) and an
 in-process one (one process only, for `GATEWAY_REDIS_URL` unset).
 
-Redis layout (prefixes from `app.redis_keys`):
+Redis layout (prefixes from `app.redis`):
 
 - `pgw:tenant:<id>` tenant JSON; `pgw:tenants` the set of tenant ids
 - `pgw:key:<sha256>` key JSON (hash, prefix, scopes, never the key itself)
@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import WatchError
 
-from app import redis_keys
+from app import redis as redis_keys
 from app.errors import Conflict, NotFound
 from app.redis_outage import OUTAGE_ERRORS, RedisOutage, RedisUnavailable
 from app.tenancy.keys import generate_key, generate_key_id, hash_key, key_prefix

@@ -17,11 +17,11 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from app.cache import FlightResult, SingleFlight, cache_key
+from app.cache.flight import FlightResult, SingleFlight, cache_key
 from app.errors import BadGateway, GatewayError, GatewayTimeout
 from app.metrics import Metrics
-from app.piston.client import UpstreamAnswer
-from app.redis_keys import FLIGHT
+from app.redis import FLIGHT
+from app.upstream.pool import UpstreamAnswer
 from tests.support import RedisServer, free_port
 
 MakeProcess = Callable[..., SingleFlight]

@@ -122,7 +122,7 @@ async def test_two_addresses_both_serve_and_one_going_away_is_removed(
         assert name == "piston.default.svc"
         return list(records)
 
-    monkeypatch.setattr("app.piston.client.system_resolver", resolver)
+    monkeypatch.setattr("app.upstream.pool.system_resolver", resolver)
     gateway = await make_gateway(
         piston_urls=[f"dns+http://piston.default.svc:{port}"], discovery_seconds=0.1
     )

@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 
 from app.errors import TooManyRequests
 from app.limits import AuthFailureLimiter
-from app.limits.auth import AUTH_FAILURE_PREFIX
+from app.limits.failures import AUTH_FAILURE_PREFIX
 from app.metrics import Metrics
 from app.settings import Settings
 from tests.support import RedisServer

@@ -16,7 +16,7 @@ from app.errors import TooManyRequests
 from app.limits import Admission, RedisGate
 from app.limits.gate import Strategy
 from app.metrics import Metrics
-from app.redis_keys import CACHE, CONCURRENCY, QUOTA
+from app.redis import CACHE, CONCURRENCY, QUOTA
 from app.tenancy.models import Tenant
 from tests.support import RedisServer
 
@@ -339,7 +339,7 @@ class TestUsage:
         who = tenant()
         g = gate(redis)
         admission = await g.admit(who, cache_key=None)
-        from app.redis_keys import USAGE
+        from app.redis import USAGE
 
         ttl = await redis.ttl(f"{USAGE}{who.id}:{admission.day}")
         assert 31 * 86_400 < ttl <= 32 * 86_400

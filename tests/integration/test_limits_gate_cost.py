@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from app.errors import TooManyRequests
 from app.limits import Gate, MemoryGate, RedisGate
 from app.limits.gate import Strategy
-from app.redis_keys import CONCURRENCY
+from app.redis import CONCURRENCY
 from app.tenancy.models import Tenant
 from tests.support import RedisServer
 

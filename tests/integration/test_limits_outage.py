@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from app.errors import ServiceUnavailable, TooManyRequests
 from app.limits import Admission, AuthFailureLimiter, RedisGate
-from app.redis_keys import CACHE
+from app.redis import CACHE
 from app.settings import Settings
 from app.tenancy.models import Tenant
 from tests.support import RedisServer

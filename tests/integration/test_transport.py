@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import httpx
 import pytest
 
-from app.piston.transport import LeanTransport
+from app.upstream.transport import LeanTransport
 from tests.support import free_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -192,7 +192,7 @@ async def test_a_request_the_server_dropped_is_not_sent_again(serve: Serve) -> N
 async def test_long_idle_connections_are_not_trusted(
     serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import app.piston.transport as transport_module
+    import app.upstream.transport as transport_module
 
     monkeypatch.setattr(transport_module, "_MAX_IDLE_SECONDS", 0.05)
 

@@ -9,9 +9,9 @@ from typing import Any
 import orjson
 import pytest
 
-from app.cache import CacheMode, cache_digest, cache_key, cache_mode
+from app.cache.flight import CacheMode, cache_digest, cache_key, cache_mode
 from app.errors import BadRequest
-from app.piston.schemas import LIMIT_FIELDS, MAX_SAFE_INTEGER, ExecuteRequest, parse_execute
+from app.protocol.schemas import LIMIT_FIELDS, MAX_SAFE_INTEGER, ExecuteRequest, parse_execute
 
 # What policy would fill an omitted limit with (a tenant's caps).
 CAPS: dict[str, int] = {

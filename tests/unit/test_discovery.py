@@ -13,10 +13,10 @@ from pydantic import ValidationError
 from structlog.testing import capture_logs
 
 from app.errors import ServiceUnavailable
-from app.piston.client import PistonPool
-from app.piston.discovery import DnsEntry, system_resolver
-from app.piston.resolve import Runtime
+from app.protocol.resolve import Runtime
 from app.settings import Settings
+from app.upstream.discovery import DnsEntry, system_resolver
+from app.upstream.pool import PistonPool
 
 RUNTIMES = orjson.dumps([{"language": "python", "version": "3.12.0", "aliases": ["py"]}])
 ANSWER = {"language": "python", "version": "3.12.0", "run": {"stdout": "", "status": None}}

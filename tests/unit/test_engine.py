@@ -11,7 +11,7 @@ import pytest
 
 from app.engine.config import EngineSettings
 from app.engine.disk import mount_point
-from app.engine.runtimes import SPECS, entry_arg, host_runtime, normalize_version
+from app.engine.host_runtimes import SPECS, entry_arg, host_runtime, normalize_version
 from app.engine.sandbox import (
     SUPERVISOR,
     PendingStdin,

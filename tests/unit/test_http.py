@@ -11,8 +11,8 @@ import structlog
 from starlette.requests import Request
 
 from app.errors import UnsupportedMediaType
-from app.http import read_json_body
 from app.logging import configure_logging, redact
+from app.middleware import read_json_body
 
 KEY = "pgw_9KdbCaNGhv9YA93claWEn1nwm0RVfNnA0AJOK0NiXHo"
 

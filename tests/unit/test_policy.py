@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 
 from app.errors import BadRequest, Forbidden
-from app.piston.resolve import Runtime
-from app.piston.schemas import parse_execute
 from app.policy import effective_caps, effective_request, language_allowed
+from app.protocol.resolve import Runtime
+from app.protocol.schemas import parse_execute
 from app.settings import Settings
 from app.tenancy.models import Tenant
 

@@ -11,8 +11,8 @@ import orjson
 import pytest
 
 from app.errors import ServiceUnavailable
-from app.piston.client import PistonPool
-from app.piston.resolve import Runtime
+from app.protocol.resolve import Runtime
+from app.upstream.pool import PistonPool
 
 PYTHON = Runtime("python", "3.12.0", ("py",))
 ANSWER = {"language": "python", "version": "3.12.0", "run": {"stdout": "", "status": None}}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.piston.resolve import Runtime, resolve_runtime, unknown_runtime_message
+from app.protocol.resolve import Runtime, resolve_runtime, unknown_runtime_message
 
 RUNTIMES = [
     Runtime("python", "3.10.0", ("py", "py3", "python3")),

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from app.errors import BadRequest
-from app.piston.schemas import LIMIT_FIELDS, enforce_caps, parse_execute, require_utf8_file
+from app.protocol.schemas import LIMIT_FIELDS, enforce_caps, parse_execute, require_utf8_file
 
 
 def body(**overrides: Any) -> dict[str, Any]:

@@ -11,10 +11,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from redis.asyncio import Redis
 
-from app import redis_keys
+from app import redis as redis_keys
 from app.errors import ServiceUnavailable
-from app.tenancy import auth as auth_module
-from app.tenancy.auth import ADMIN_TENANT_ID, Authenticator
+from app.tenancy import authenticator as auth_module
+from app.tenancy.authenticator import ADMIN_TENANT_ID, Authenticator
 from app.tenancy.keys import hash_key
 from app.tenancy.models import ApiKey, Principal, Tenant, TenantCreate, TenantUpdate
 from app.tenancy.store import MemoryTenantStore, RedisTenantStore

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from redis.asyncio import Redis
 
-from app import redis_keys
+from app import redis as redis_keys
 from app.errors import Conflict, NotFound
 from app.tenancy.keys import hash_key
 from app.tenancy.models import TenantCreate, TenantUpdate

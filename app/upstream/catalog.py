@@ -1,15 +1,15 @@
 """RuntimeCatalog: what the upstreams can run, and resolution of `language` + `version`.
 
 The runtimes come from the upstreams' own `/api/v2/runtimes`, refreshed in the background by the
-PistonPool. Resolution is Piston's (`app.piston.resolve`); answers are memoised per runtime set so
+PistonPool. Resolution is Piston's (`app.protocol.resolve`); answers are memoised per runtime set so
 the hot path does no semver work for a request it has seen before.
 """
 
 from __future__ import annotations
 
 from app.errors import BadRequest, ServiceUnavailable
-from app.piston.client import PistonPool
-from app.piston.resolve import Runtime, resolve_runtime, unknown_runtime_message
+from app.protocol.resolve import Runtime, resolve_runtime, unknown_runtime_message
+from app.upstream.pool import PistonPool
 
 __all__ = ["RuntimeCatalog"]
 

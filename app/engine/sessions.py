@@ -22,7 +22,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from app.engine.jobs import Engine, Job
 from app.engine.sandbox import LiveIO, PendingStdin, StageResult
 from app.errors import BadRequest
-from app.piston.schemas import parse_execute
+from app.protocol.schemas import parse_execute
 
 __all__ = ["connect"]
 

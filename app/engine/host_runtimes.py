@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from app.piston.resolve import Runtime
+from app.protocol.resolve import Runtime
 
 __all__ = [
     "SPECS",

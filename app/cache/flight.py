@@ -6,7 +6,7 @@ read rides in the limiter's admission script and the write in its finish pipelin
 key (`cache_digest`, `cache_key`), and makes a miss reach the upstream once however many
 identical requests arrive together, in this process or in any other (`SingleFlight`).
 
-Redis layout (prefixes from `app.redis_keys`):
+Redis layout (prefixes from `app.redis`):
 - `pgw:cache:<digest>`: the stored answer, the exact bytes that go out (written by the limiter).
 - `pgw:flight:<digest>`: the single-flight lock, a random owner token with a short lease that
   the leader renews while it runs (so a dead leader is noticed in `lease_ms`, not after the
@@ -35,9 +35,9 @@ from redis.exceptions import RedisError
 
 from app.errors import GatewayError, GatewayTimeout
 from app.metrics import Metrics
-from app.piston.client import UpstreamAnswer
-from app.piston.schemas import LIMIT_FIELDS, ExecuteRequest
-from app.redis_keys import CACHE, FLIGHT
+from app.protocol.schemas import LIMIT_FIELDS, ExecuteRequest
+from app.redis import CACHE, FLIGHT
+from app.upstream.pool import UpstreamAnswer
 
 __all__ = ["CacheMode", "FlightResult", "SingleFlight", "cache_digest", "cache_key", "cache_mode"]
 

@@ -29,7 +29,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from starlette.requests import HTTPConnection
 
-from app import redis_keys
+from app import redis as redis_keys
 from app.errors import Forbidden, Unauthorized
 from app.redis_outage import OUTAGE_ERRORS, REDIS_DEADLINE_S, RedisOutage, RedisUnavailable
 from app.state import get_state

@@ -27,7 +27,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
-from app.piston.client import stage_times
+from app.upstream.pool import stage_times
 
 __all__ = [
     "CLOSE_ERROR",

@@ -31,7 +31,7 @@ from redis.backoff import NoBackoff
 from app.errors import TooManyRequests
 from app.limits.gate import retry_after
 from app.metrics import Metrics
-from app.redis_keys import RATE_LIMIT
+from app.redis import RATE_LIMIT
 from app.redis_outage import REDIS_DEADLINE_S, RedisOutage
 from app.settings import Settings
 

@@ -18,9 +18,9 @@ import structlog
 
 from app.errors import BadGateway, GatewayError, GatewayTimeout, ServiceUnavailable
 from app.metrics import Metrics
-from app.piston.discovery import DnsEntry, Resolver, system_resolver
-from app.piston.resolve import Runtime
-from app.piston.transport import LeanTransport
+from app.protocol.resolve import Runtime
+from app.upstream.discovery import DnsEntry, Resolver, system_resolver
+from app.upstream.transport import LeanTransport
 
 __all__ = ["PistonPool", "Upstream", "UpstreamAnswer", "stage_times", "upstream_error"]
 

@@ -1,0 +1,1 @@
+"""The result cache: keys, the Redis store, single-flight."""
