@@ -1,10 +1,10 @@
 """`POST /api/v2/batch`: one program over many cases, each graded (a gateway extension).
 
 Each case goes the way of the execute with its `stdin` and `args`: the batch's body is parsed,
-resolved and put through the policy once (execute's `_effective`, so the whole-request errors are
+resolved and put through the policy once (`app.pipeline.plan`, so the whole-request errors are
 execute's), and each case's effective request is that one with the case's input, so its cache key
 is the execute's and an execute of the same program and input shares its entry and its flight
-(`_cache_plan`, `_execute_once`).
+(`Plan.with_input`, `run_once`).
 
 Admission: the N cases are N executions of the tenant's rate limit and quota, taken in ONE admit
 (`cost=N`), all or nothing. Concurrency: the batch holds one lease of the tenant's
@@ -25,23 +25,19 @@ not N.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import math
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from app.api.piston import _cache_plan, _CachePlan, _effective, _execute_once, _timing
 from app.batch import BatchRequest, CaseResult, answer_json, parse_batch, stops_batch, verdict
 from app.errors import GatewayError, message_responses
 from app.middleware import json_response, read_json_body
-from app.protocol.resolve import Runtime
-from app.protocol.schemas import ExecuteRequest
+from app.pipeline import NO_CACHE, Admission, Plan, admit, plan, run_once
 from app.state import AppState, get_state
 from app.tenancy.authenticator import authorize
-from app.tenancy.models import Tenant
 
 __all__ = ["BATCH_REQUEST_SCHEMA", "BATCH_RESPONSE_SCHEMA", "router"]
 
@@ -264,85 +260,53 @@ BATCH_RESPONSE_SCHEMA: Final[dict[str, Any]] = {
 
 
 class _Run:
-    """One batch in flight: its cases' plans, and the figures its finish() must count."""
+    """One batch in flight: its cases' plans, and their figures added to its one admission."""
 
-    def __init__(
-        self,
-        state: AppState,
-        request: Request,
-        tenant: Tenant,
-        batch: BatchRequest,
-        runtime: Runtime,
-        base: ExecuteRequest,
-    ) -> None:
-        self.state, self.batch, self.runtime = state, batch, runtime
-        # The execute's effective request with this case's input: the same cache key.
-        self.effective = [
-            dataclasses.replace(base, stdin=case.stdin, args=case.args) for case in batch.cases
-        ]
-        self.plans = [
-            _cache_plan(request, state.settings, tenant, effective) for effective in self.effective
-        ]
-        self.deadline_ms, self.case_lease_ms = _timing(state.settings, base)
+    def __init__(self, state: AppState, batch: BatchRequest, base: Plan) -> None:
+        self.state, self.batch = state, batch
+        # The execute's plan with this case's input: the same cache key as that execute.
+        self.plans = [base.with_input(stdin=case.stdin, args=case.args) for case in batch.cases]
         self.results: list[CaseResult | None] = [None] * len(batch.cases)
         self.stopped = False
-        self.cpu_time_ms = self.wall_time_ms = 0.0
-        self.cache_hits = 0
-        self.errors = 0
 
-    async def case(self, index: int) -> None:
-        result = await self._run_case(index, self.plans[index])
+    async def case(self, index: int, admission: Admission) -> None:
+        result = await self._run_case(index, admission)
         self.results[index] = result
         if stops_batch(result.verdict, stop_on_failure=self.batch.stop_on_failure):
             self.stopped = True
 
-    async def _run_case(self, index: int, plan: _CachePlan) -> CaseResult:
-        case, effective, state = self.batch.cases[index], self.effective[index], self.state
-        body: bytes | None = None
-        outcome: Literal["HIT", "MISS", "BYPASS"] = plan.mode.label
-        if plan.lookup_key is not None:
-            body = await state.gate.read(plan.lookup_key)
-            if body is not None:
-                outcome = "HIT"
-                self.cache_hits += 1
-        if body is None:
-            try:
-                result = await _execute_once(
-                    state,
-                    plan,
-                    effective,
-                    self.runtime,
-                    deadline_ms=self.deadline_ms,
-                    lock_ttl_ms=self.case_lease_ms,
-                )
-            except GatewayError as exc:  # the upstream failed for this case (or no slot)
-                self.errors += 1
-                return CaseResult(case.id, "internal_error", outcome, message=exc.message)
-            if isinstance(result, bytes):  # another process ran it and stored the answer
-                body = result
-            else:
-                body = result.body
-                self.cpu_time_ms += result.cpu_time_ms
-                self.wall_time_ms += result.wall_time_ms
-        state.metrics.cache_outcomes[outcome].inc()
+    async def _run_case(self, index: int, admission: Admission) -> CaseResult:
+        case, planned, state = self.batch.cases[index], self.plans[index], self.state
+        # The batch's admission read no entry (N cases, one script): each case reads its own.
+        lookup_key = None if admission.degraded else planned.cache.lookup_key
+        cached = await state.gate.read(lookup_key) if lookup_key is not None else None
+        if cached is not None:
+            admission.cache_hits += 1
         try:
-            answer = orjson.loads(body)
+            result = await run_once(state, planned, admission, cached=cached)
+        except GatewayError as exc:  # the upstream failed for this case (or no slot)
+            admission.error = True
+            label = NO_CACHE.mode.label if admission.degraded else planned.cache.mode.label
+            return CaseResult(case.id, "internal_error", label, message=exc.message)
+        state.metrics.cache_outcomes[result.cache].inc()
+        try:
+            answer = orjson.loads(result.body)
         except orjson.JSONDecodeError:
             answer = None
         if not isinstance(answer, dict):  # a stored entry is one of Piston's 200 answers
-            self.errors += 1
-            return CaseResult(case.id, "internal_error", outcome, message="unreadable answer")
+            admission.error = True
+            return CaseResult(case.id, "internal_error", result.cache, message="unreadable answer")
         graded = verdict(answer, case.expected_output, self.batch.compare)
-        return CaseResult(case.id, graded, outcome, answer=answer)
+        return CaseResult(case.id, graded, result.cache, answer=answer)
 
-    async def run_all(self, concurrency: int) -> list[CaseResult]:
+    async def run_all(self, concurrency: int, admission: Admission) -> list[CaseResult]:
         # The first case alone: a compile error there leaves the others not run.
-        await self.case(0)
+        await self.case(0, admission)
         bound = asyncio.Semaphore(concurrency)
 
         async def bounded(index: int) -> None:
             try:
-                await self.case(index)
+                await self.case(index, admission)
             finally:
                 bound.release()
 
@@ -417,28 +381,19 @@ async def batch(request: Request) -> Response:
     settings, tenant = state.settings, principal.tenant
     body = await read_json_body(request, settings.max_body_bytes)
     parsed = parse_batch(body, max_cases=settings.max_batch_cases)
-    runtime, base = _effective(state, tenant, parsed.execute)
-    run = _Run(state, request, tenant, parsed, runtime, base)
+    base = plan(tenant, parsed.execute, request.headers, settings=settings, catalog=state.catalog)
+    run = _Run(state, parsed, base)
     concurrency = min(tenant.max_concurrency or settings.max_concurrency, settings.max_concurrency)
     count = len(parsed.cases)
     # The lease must outlive the whole batch: the first case, then rounds of `concurrency`.
     rounds = 1 + math.ceil((count - 1) / concurrency)
-    admission = await state.gate.admit(
-        tenant, cache_key=None, lease_ttl_ms=run.case_lease_ms * rounds, cost=count
-    )
-    try:
-        results = await run.run_all(concurrency)
-    finally:  # also when cancelled (the client went away): release the lease, count the runs
-        await state.gate.finish(
-            admission,
-            error=run.errors > 0,
-            cpu_time_ms=run.cpu_time_ms,
-            wall_time_ms=run.wall_time_ms,
-            cache_hits=run.cache_hits,
-        )
-        state.metrics.tenant_executions.labels(tenant=tenant.id).inc(count)
+    async with admit(
+        state, tenant, base, cost=count, lease_ttl_ms=base.lease_ttl_ms * rounds, read_cache=False
+    ) as admission:
+        results = await run.run_all(concurrency, admission)
     return json_response(
-        answer_json(runtime.language, runtime.version, results), headers=admission.headers
+        answer_json(base.runtime.language, base.runtime.version, results),
+        headers=admission.headers,
     )
 
 

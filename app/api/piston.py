@@ -7,33 +7,28 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request, WebSocket
 from starlette.responses import Response
 
-from app.cache.flight import CacheMode, cache_digest, cache_key, cache_mode
 from app.errors import BadGateway, GatewayError, ServiceUnavailable, message_responses
 from app.limits import Admission
 from app.limits.slots import Reservation
 from app.middleware import json_response, read_json_body
-from app.policy import effective_caps, effective_request, language_allowed
-from app.protocol.resolve import Runtime
+from app.pipeline import Plan, admit, answer, plan, run_once
+from app.policy import language_allowed
 from app.protocol.schemas import (
     EXECUTE_REQUEST_SCHEMA,
     EXECUTE_RESPONSE_SCHEMA,
-    ExecuteRequest,
-    parse_execute,
 )
-from app.settings import Settings
 from app.state import AppState, StateDep, get_state
 from app.tenancy.authenticator import PrincipalDep, authorize, identify, require_scope
 from app.tenancy.keys import key_from_headers
 from app.tenancy.models import Principal, Tenant
-from app.upstream.pool import UpstreamAnswer, upstream_error
+from app.upstream.pool import upstream_error
 from app.upstream.relay import (
     ClientGone,
     Inbox,
@@ -51,10 +46,6 @@ __all__ = ["router"]
 
 router = APIRouter(prefix="/api/v2", tags=["piston"])
 
-# Piston's own defaults, for the upstream deadline when a stage is left uncapped.
-_PISTON_DEFAULT_MS = {"compile_timeout": 10_000, "run_timeout": 3_000}
-_LEASE_SLACK_MS = 5_000
-
 
 def _route(method: str, path: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
     """Register `path` and `path/`; only the first appears on the docs page."""
@@ -66,134 +57,6 @@ def _route(method: str, path: str, **kwargs: Any) -> Callable[[Callable[..., Any
         return endpoint
 
     return register
-
-
-def _stage_deadline_ms(limits: Mapping[str, int | None]) -> int:
-    """How long Piston may take at most: both stages' timeouts (its defaults where unset)."""
-    total = 0
-    for name, default in _PISTON_DEFAULT_MS.items():
-        value = limits.get(name)
-        total += value if value is not None and value > 0 else default
-    return total
-
-
-async def _run_upstream(
-    state: AppState,
-    body: bytes,
-    runtime: Runtime,
-    *,
-    deadline_s: float,
-    reservation: Reservation | None = None,
-) -> UpstreamAnswer:
-    """One execution on an upstream, inside this process's cap on executions in flight."""
-    async with state.slots.acquire(reservation):  # also keeps pgw_executions_in_flight
-        return await state.pool.execute(body, runtime=runtime, read_timeout=deadline_s)
-
-
-@dataclass(frozen=True, slots=True)
-class _CachePlan:
-    mode: CacheMode
-    digest: str | None  # None: neither read nor written
-
-    @property
-    def key(self) -> str | None:
-        return cache_key(self.digest) if self.digest else None
-
-    @property
-    def lookup_key(self) -> str | None:
-        return self.key if self.mode.lookup else None
-
-
-def _cache_plan(
-    request: Request, settings: Settings, tenant: Tenant, effective: ExecuteRequest
-) -> _CachePlan:
-    mode = cache_mode(
-        ttl_seconds=settings.cache_ttl_seconds,
-        tenant_cache=tenant.cache,
-        cache_control=", ".join(request.headers.getlist("cache-control")) or None,
-    )
-    if not mode.store:
-        return _CachePlan(mode, None)
-    scope = tenant.id if settings.cache_scope == "tenant" else None
-    return _CachePlan(mode, cache_digest(effective, tenant_id=scope))
-
-
-async def _execute_once(
-    state: AppState,
-    plan: _CachePlan,
-    effective: ExecuteRequest,
-    runtime: Runtime,
-    *,
-    deadline_ms: int,
-    lock_ttl_ms: int,
-    reservation: Reservation | None = None,
-) -> UpstreamAnswer | bytes:
-    """Run upstream; identical requests in flight share one run (and its stored answer)."""
-    settings = state.settings
-    forward = orjson.dumps(effective.as_json())
-    deadline_s = deadline_ms / 1000
-
-    async def run() -> UpstreamAnswer:
-        return await _run_upstream(
-            state, forward, runtime, deadline_s=deadline_s, reservation=reservation
-        )
-
-    key = plan.key
-    if plan.digest is None or key is None:
-        return await run()
-
-    async def store(answer: UpstreamAnswer) -> None:
-        if answer.cacheable:
-            await state.gate.store(key, answer.body, settings.cache_ttl_seconds)
-
-    return await state.flights.run(
-        plan.digest,
-        deadline_s=deadline_s + settings.queue_timeout_ms / 1000,
-        lock_ttl_ms=lock_ttl_ms,  # like the lease: a wait for a slot, then the run
-        execute=run,
-        # no-cache asks for a fresh run: don't let the flight fall back on the entry.
-        read_cached=(lambda: state.gate.read(key)) if plan.mode.lookup else None,
-        on_result=store,
-    )
-
-
-def _effective(state: AppState, tenant: Tenant, body: object) -> tuple[Runtime, ExecuteRequest]:
-    """parse -> resolve -> policy: the request as it will run (400/403/503 on the way)."""
-    settings = state.settings
-    parsed = parse_execute(body, max_files=settings.max_files)
-    runtime = state.catalog.resolve(parsed.language, parsed.version)
-    effective = effective_request(
-        tenant,
-        parsed,
-        runtime,
-        global_languages=settings.allowed_languages,
-        caps=effective_caps(tenant, settings),
-    )
-    return runtime, effective
-
-
-def _timing(settings: Settings, effective: ExecuteRequest) -> tuple[int, int]:
-    """The upstream deadline, and the lease that must outlive a wait for a slot plus the run."""
-    deadline_ms = _stage_deadline_ms(effective.limits) + settings.upstream_grace_ms
-    return deadline_ms, deadline_ms + settings.queue_timeout_ms + _LEASE_SLACK_MS
-
-
-def _answer(
-    state: AppState,
-    admission: Admission,
-    body: bytes,
-    *,
-    outcome: str,
-    language: str,
-    started: float,
-    status: int = 200,
-) -> Response:
-    metrics = state.metrics
-    metrics.execute_duration.labels(language=language).observe(time.perf_counter() - started)
-    metrics.cache_outcomes[outcome].inc()
-    metrics.tenant_executions.labels(tenant=admission.tenant_id).inc()
-    headers = {**admission.headers, "X-Cache": outcome}
-    return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
 @_route(
@@ -220,77 +83,14 @@ async def execute(request: Request) -> Response:
     # cost a fifth of the request's CPU (bench/, cProfile). The 401/403 answers are the same.
     principal = await authorize(request, "execute")
     state = get_state(request)
-    tenant = principal.tenant
-    reservation = state.slots.reserve()  # past the queue: 503 now, not after body and Redis
-    try:
-        return await _execute_reserved(request, state, tenant, reservation, started)
-    finally:
-        reservation.release()  # unless the run took a slot with it already
-
-
-async def _execute_reserved(
-    request: Request, state: AppState, tenant: Tenant, reservation: Reservation, started: float
-) -> Response:
-    settings = state.settings
-    body = await read_json_body(request, settings.max_body_bytes)
-    runtime, effective = _effective(state, tenant, body)
-    plan = _cache_plan(request, settings, tenant, effective)
-    deadline_ms, lease_ttl_ms = _timing(settings, effective)
-    admission = await state.gate.admit(tenant, cache_key=plan.lookup_key, lease_ttl_ms=lease_ttl_ms)
-    if admission.degraded:  # Redis unreachable, failing open: no shared cache, no shared flight
-        plan = _CachePlan(CacheMode(lookup=False, store=False, label="BYPASS"), None)
-    if admission.cached is not None:
-        reservation.release()  # a hit needs no slot
-        return _answer(
-            state,
-            admission,
-            admission.cached,
-            outcome="HIT",
-            language=runtime.language,
-            started=started,
+    with state.slots.reserve() as reservation:  # past the queue: 503 now, not after the body
+        body = await read_json_body(request, state.settings.max_body_bytes)
+        planned = plan(
+            principal.tenant, body, request.headers, settings=state.settings, catalog=state.catalog
         )
-    try:
-        result = await _execute_once(
-            state,
-            plan,
-            effective,
-            runtime,
-            deadline_ms=deadline_ms,
-            lock_ttl_ms=lease_ttl_ms,
-            reservation=reservation,
-        )
-    except GatewayError as exc:
-        await state.gate.finish(admission, error=True, cpu_time_ms=0, wall_time_ms=0)
-        # A fresh error per caller: callers joined in one flight share the exception object,
-        # and each must see its own rate-limit headers.
-        raise GatewayError(
-            exc.message, status_code=exc.status_code, headers={**admission.headers, **exc.headers}
-        ) from None
-    except BaseException:  # cancelled (client gone) or a bug: still release the lease
-        await state.gate.finish(admission, error=True, cpu_time_ms=0, wall_time_ms=0)
-        raise
-    if isinstance(result, bytes):  # another process ran it and stored the answer meanwhile
-        await state.gate.finish(admission, error=False, cpu_time_ms=0, wall_time_ms=0)
-        return _answer(
-            state,
-            admission,
-            result,
-            outcome=plan.mode.label,
-            language=runtime.language,
-            started=started,
-        )
-    await state.gate.finish(
-        admission, error=False, cpu_time_ms=result.cpu_time_ms, wall_time_ms=result.wall_time_ms
-    )
-    return _answer(
-        state,
-        admission,
-        result.body,
-        outcome=plan.mode.label,
-        status=result.status_code,
-        language=runtime.language,
-        started=started,
-    )
+        async with admit(state, principal.tenant, planned) as admission:
+            result = await run_once(state, planned, admission, reservation=reservation)
+    return answer(state, planned, admission, result, started=started)
 
 
 def _visible(principal: Principal, state: AppState, language: str) -> bool:
@@ -440,33 +240,34 @@ async def _admitted(
 ) -> None:
     """The init through the policy and the limiter, then the interactive run."""
     try:
-        runtime, effective = _effective(state, tenant, init)
-        _, lease_ttl_ms = _timing(state.settings, effective)
-        admission = await state.gate.admit(tenant, cache_key=None, lease_ttl_ms=lease_ttl_ms)
-    except GatewayError as exc:
+        planned = plan(tenant, init, None, settings=state.settings, catalog=state.catalog)
+        async with admit(state, tenant, planned) as admission:
+            await _interactive(state, websocket, planned, admission, reservation)
+    except GatewayError as exc:  # refused: nothing has reached the upstream
         await notify_error(websocket, exc.message)
-        return
-    outcome = RelayOutcome()
-    try:
-        await _interactive(state, websocket, runtime, effective, outcome, reservation)
-    except BaseException:
-        outcome.error = True
-        raise
-    finally:
-        await state.gate.finish(
-            admission,
-            error=outcome.error,
-            cpu_time_ms=outcome.cpu_time_ms,
-            wall_time_ms=outcome.wall_time_ms,
-        )
-        state.metrics.tenant_executions.labels(tenant=tenant.id).inc()
 
 
 async def _interactive(
     state: AppState,
     websocket: WebSocket,
-    runtime: Runtime,
-    effective: ExecuteRequest,
+    planned: Plan,
+    admission: Admission,
+    reservation: Reservation,
+) -> None:
+    """Relay, and add what the relay saw to the admission (its exit counts it)."""
+    outcome = RelayOutcome()
+    try:
+        await _relay(state, websocket, planned, outcome, reservation)
+    finally:
+        admission.error = admission.error or outcome.error
+        admission.cpu_time_ms += outcome.cpu_time_ms
+        admission.wall_time_ms += outcome.wall_time_ms
+
+
+async def _relay(
+    state: AppState,
+    websocket: WebSocket,
+    planned: Plan,
     outcome: RelayOutcome,
     reservation: Reservation,
 ) -> None:
@@ -477,11 +278,11 @@ async def _interactive(
 
     async def session() -> tuple[int, str] | None:
         async with state.slots.acquire(reservation):
-            upstream = state.pool.candidates(runtime)[0]
+            upstream = state.pool.candidates(planned.runtime)[0]
             return await relay(
                 websocket,
                 ws_url(upstream.url),
-                {"type": "init", **effective.as_json()},
+                {"type": "init", **planned.request.as_json()},
                 inbox,
                 outcome,
                 open_timeout=settings.upstream_connect_timeout_ms / 1000,

@@ -73,6 +73,11 @@ class Admission:
     # True when Redis was unreachable and the gate failed open: nothing was counted, so
     # finish() has nothing to add to and does not wait on Redis a second time.
     degraded: bool = False
+    # What the request did, added up while it runs for finish() to count (app.pipeline.admit).
+    error: bool = False
+    cpu_time_ms: float = 0.0
+    wall_time_ms: float = 0.0
+    cache_hits: int = 0  # a batch's cases answered from the cache
 
 
 class Gate(Protocol):

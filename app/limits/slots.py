@@ -125,3 +125,9 @@ class Reservation:
         if self._slots is not None:
             self._slots._reserved -= 1
             self._slots = None
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()  # unless a slot or a hit took it already

@@ -1,0 +1,317 @@
+"""One request's path, in named phases: plan -> admit -> run once -> answer.
+
+Execute, batch (a plan per case) and the WebSocket `init` all go this way:
+
+- `plan` (pure): from the caller, the body and the headers to a `Plan`: the effective request
+  (parse, resolve, policy), its runtime, its cache key or none, its deadlines.
+- `admit` (one Redis round trip): an async context manager around the gate that refuses (429,
+  503) or yields an `Admission`; leaving the block finishes it exactly once (usage, the lease's
+  release), whatever happened inside.
+- `run_once`: owns the cache for a miss: single-flight across replicas, the upstream call inside
+  this process's slots, the write of a cacheable answer; each caller gets its own error.
+- `answer`: the response, its headers and its metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, Literal
+
+import orjson
+from starlette.datastructures import Headers
+from starlette.responses import Response
+
+from app.cache.flight import CacheMode, cache_digest, cache_key, cache_mode
+from app.errors import GatewayError
+from app.limits.gate import Admission
+from app.limits.slots import Reservation
+from app.policy import effective_caps, effective_request
+from app.protocol.resolve import Runtime
+from app.protocol.schemas import ExecuteRequest, parse_execute
+from app.settings import Settings
+from app.state import AppState
+from app.tenancy.models import Tenant
+from app.upstream.catalog import RuntimeCatalog
+from app.upstream.pool import UpstreamAnswer
+
+__all__ = ["NO_CACHE", "Admission", "CachePlan", "Plan", "Result", "admit", "answer", "plan"]
+__all__ += ["run_once"]
+
+# Piston's own defaults, for the upstream deadline when a stage is left uncapped.
+_PISTON_DEFAULT_MS: Final = {"compile_timeout": 10_000, "run_timeout": 3_000}
+_LEASE_SLACK_MS: Final = 5_000
+
+CacheOutcome = Literal["HIT", "MISS", "BYPASS"]
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True, slots=True)
+class CachePlan:
+    """Whether and under which digest one request reads and writes the cache."""
+
+    mode: CacheMode
+    digest: str | None  # None: neither read nor written
+
+    @property
+    def key(self) -> str | None:
+        return cache_key(self.digest) if self.digest else None
+
+    @property
+    def lookup_key(self) -> str | None:
+        """The key the admission reads, or None when this request must run fresh."""
+        return self.key if self.mode.lookup else None
+
+
+NO_CACHE: Final = CachePlan(CacheMode(lookup=False, store=False, label="BYPASS"), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What one execution will be, decided before anything is counted or run."""
+
+    request: ExecuteRequest  # the effective request: what is forwarded, cached and counted
+    runtime: Runtime
+    cache: CachePlan
+    deadline_ms: int  # the upstream's deadline: both stages' timeouts and a grace
+    lease_ttl_ms: int  # outlives a wait for a slot plus the run
+    cache_scope: str | None  # the tenant id in the digest, or None for the global scope
+
+    def with_input(self, *, stdin: str, args: tuple[str, ...]) -> Plan:
+        """The same program with another input (a batch's case): its own cache key."""
+        request = dataclasses.replace(self.request, stdin=stdin, args=args)
+        cache = self.cache
+        if cache.digest is not None:
+            cache = CachePlan(cache.mode, cache_digest(request, tenant_id=self.cache_scope))
+        return dataclasses.replace(self, request=request, cache=cache)
+
+
+def _stage_deadline_ms(limits: Mapping[str, int | None]) -> int:
+    """How long Piston may take at most: both stages' timeouts (its defaults where unset)."""
+    total = 0
+    for name, default in _PISTON_DEFAULT_MS.items():
+        value = limits.get(name)
+        total += value if value is not None and value > 0 else default
+    return total
+
+
+def plan(
+    tenant: Tenant,
+    body: object,
+    headers: Headers | None,
+    *,
+    settings: Settings,
+    catalog: RuntimeCatalog,
+) -> Plan:
+    """parse -> resolve -> policy -> cache key and deadlines (400/403/503 on the way).
+
+    `headers` None is a WebSocket run: interactive, so never cached.
+    """
+    parsed = parse_execute(body, max_files=settings.max_files)
+    runtime = catalog.resolve(parsed.language, parsed.version)
+    effective = effective_request(
+        tenant,
+        parsed,
+        runtime,
+        global_languages=settings.allowed_languages,
+        caps=effective_caps(tenant, settings),
+    )
+    scope = tenant.id if settings.cache_scope == "tenant" else None
+    cache = NO_CACHE
+    if headers is not None:
+        mode = cache_mode(
+            ttl_seconds=settings.cache_ttl_seconds,
+            tenant_cache=tenant.cache,
+            cache_control=", ".join(headers.getlist("cache-control")) or None,
+        )
+        digest = cache_digest(effective, tenant_id=scope) if mode.store else None
+        cache = CachePlan(mode, digest)
+    deadline_ms = _stage_deadline_ms(effective.limits) + settings.upstream_grace_ms
+    return Plan(
+        request=effective,
+        runtime=runtime,
+        cache=cache,
+        deadline_ms=deadline_ms,
+        lease_ttl_ms=deadline_ms + settings.queue_timeout_ms + _LEASE_SLACK_MS,
+        cache_scope=scope,
+    )
+
+
+# --------------------------------------------------------------------------- admit
+
+
+class _Admitting:
+    """`async with admit(...)`: a class rather than a generator, the hot path's cheaper form."""
+
+    __slots__ = ("_admission", "_cache_key", "_cost", "_lease_ttl_ms", "_state", "_tenant")
+
+    def __init__(
+        self,
+        state: AppState,
+        tenant: Tenant,
+        *,
+        cache_key: str | None,
+        lease_ttl_ms: int,
+        cost: int,
+    ) -> None:
+        self._state, self._tenant = state, tenant
+        self._cache_key, self._lease_ttl_ms, self._cost = cache_key, lease_ttl_ms, cost
+        self._admission: Admission | None = None
+
+    async def __aenter__(self) -> Admission:
+        self._admission = await self._state.gate.admit(
+            self._tenant,
+            cache_key=self._cache_key,
+            lease_ttl_ms=self._lease_ttl_ms,
+            cost=self._cost,
+        )
+        return self._admission
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        admission, self._admission = self._admission, None
+        if admission is None:
+            return  # finished already: exactly once
+        if exc is not None:  # cancelled (client gone), refused by a slot, a failed run, a bug
+            admission.error = True
+        await self._state.gate.finish(
+            admission,
+            error=admission.error,
+            cpu_time_ms=admission.cpu_time_ms,
+            wall_time_ms=admission.wall_time_ms,
+            cache_hits=admission.cache_hits,
+        )
+        self._state.metrics.tenant_executions.labels(tenant=admission.tenant_id).inc(self._cost)
+        if isinstance(exc, GatewayError):
+            # The answer to an admitted request carries its rate-limit headers, an error too.
+            exc.headers = {**admission.headers, **exc.headers}
+
+
+def admit(
+    state: AppState,
+    tenant: Tenant,
+    planned: Plan,
+    *,
+    cost: int = 1,
+    lease_ttl_ms: int | None = None,
+    read_cache: bool = True,
+) -> _Admitting:
+    """Count the request against the tenant's limits and read its cache entry, in one round trip.
+
+    Refuses with 429 (rate limit, quota, concurrency) or 503 (Redis unreachable, failing
+    closed). A batch is `cost` executions at once with one lease of `lease_ttl_ms` (default:
+    the plan's), and reads no entry here (`read_cache=False`): each case reads its own.
+    """
+    return _Admitting(
+        state,
+        tenant,
+        cache_key=planned.cache.lookup_key if read_cache else None,
+        lease_ttl_ms=lease_ttl_ms or planned.lease_ttl_ms,
+        cost=cost,
+    )
+
+
+# --------------------------------------------------------------------------- run once
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What a request answers: Piston's body (the bytes that go out) and where it came from."""
+
+    body: bytes
+    cache: CacheOutcome
+    status_code: int = 200
+
+
+def _own_error(exc: GatewayError) -> GatewayError:
+    # Callers joined in one flight share the exception object: each must get its own, to carry
+    # its own rate-limit headers.
+    return GatewayError(exc.message, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _run_upstream(
+    state: AppState, body: bytes, planned: Plan, reservation: Reservation | None
+) -> UpstreamAnswer:
+    """One execution on an upstream, inside this process's cap on executions in flight."""
+    async with state.slots.acquire(reservation):  # also keeps pgw_executions_in_flight
+        return await state.pool.execute(
+            body, runtime=planned.runtime, read_timeout=planned.deadline_ms / 1000
+        )
+
+
+async def run_once(
+    state: AppState,
+    planned: Plan,
+    admission: Admission,
+    *,
+    reservation: Reservation | None = None,
+    cached: bytes | None = None,
+) -> Result:
+    """The admission's cache entry, or one run for every identical request in flight anywhere.
+
+    `cached` is an entry read apart from the admission (a batch's case). The run's figures are
+    added to the admission, so leaving `admit` counts them.
+    """
+    cached = cached if cached is not None else admission.cached
+    if cached is not None:
+        if reservation is not None:
+            reservation.release()  # a hit needs no slot
+        return Result(cached, "HIT")
+    # Redis unreachable and failing open: no shared cache, no shared flight.
+    cache = NO_CACHE if admission.degraded else planned.cache
+    forward = orjson.dumps(planned.request.as_json())
+    settings = state.settings
+    try:
+        if cache.digest is None or cache.key is None:
+            ran: UpstreamAnswer | bytes = await _run_upstream(state, forward, planned, reservation)
+        else:
+            key = cache.key
+
+            async def execute() -> UpstreamAnswer:
+                return await _run_upstream(state, forward, planned, reservation)
+
+            async def write(answer: UpstreamAnswer) -> None:
+                if answer.cacheable:
+                    await state.gate.store(key, answer.body, settings.cache_ttl_seconds)
+
+            ran = await state.flights.run(
+                cache.digest,
+                deadline_s=(planned.deadline_ms + settings.queue_timeout_ms) / 1000,
+                lock_ttl_ms=planned.lease_ttl_ms,  # like the lease: a wait for a slot, the run
+                execute=execute,
+                # no-cache asks for a fresh run: don't let the flight fall back on the entry.
+                read_cached=(lambda: state.gate.read(key)) if cache.mode.lookup else None,
+                on_result=write,
+            )
+    except GatewayError as exc:
+        raise _own_error(exc) from None
+    if isinstance(ran, bytes):  # another process ran it and stored the answer meanwhile
+        return Result(ran, cache.mode.label)
+    admission.cpu_time_ms += ran.cpu_time_ms
+    admission.wall_time_ms += ran.wall_time_ms
+    return Result(ran.body, cache.mode.label, ran.status_code)
+
+
+# --------------------------------------------------------------------------- answer
+
+
+def answer(
+    state: AppState, planned: Plan, admission: Admission, result: Result, *, started: float
+) -> Response:
+    """The execute's response: Piston's bytes, the rate-limit headers and X-Cache."""
+    metrics = state.metrics
+    elapsed = time.perf_counter() - started
+    metrics.execute_duration.labels(language=planned.runtime.language).observe(elapsed)
+    metrics.cache_outcomes[result.cache].inc()
+    headers = {**admission.headers, "X-Cache": result.cache}
+    return Response(
+        result.body, status_code=result.status_code, headers=headers, media_type="application/json"
+    )
