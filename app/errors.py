@@ -24,7 +24,6 @@ __all__ = [
     "GatewayError",
     "GatewayTimeout",
     "NotFound",
-    "NotImplementedByEngine",
     "PayloadTooLarge",
     "ServiceUnavailable",
     "TooManyRequests",
@@ -93,10 +92,6 @@ class UnsupportedMediaType(GatewayError):
 
 class TooManyRequests(GatewayError):
     status_code = 429
-
-
-class NotImplementedByEngine(GatewayError):
-    status_code = 501
 
 
 class BadGateway(GatewayError):

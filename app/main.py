@@ -21,7 +21,9 @@ from redis.asyncio.sentinel import Sentinel, SentinelManagedSSLConnection
 from redis.backoff import NoBackoff
 
 from app import __version__
+from app.api import ROUTERS
 from app.cache.flight import SingleFlight
+from app.cache.store import create_cache_store
 from app.errors import install_error_handlers
 from app.limits import AuthFailureLimiter, UpstreamSlots, create_gate
 from app.logging import configure_logging
@@ -162,6 +164,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         transport=app.state.upstream_transport,
     )
     outage = RedisOutage(redis)
+    cache = create_cache_store(redis, outage=outage)
     store = create_store(redis, outage=outage)
     authenticator = Authenticator(
         store,
@@ -179,7 +182,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         catalog=RuntimeCatalog(pool),
         store=store,
         authenticator=authenticator,
-        gate=create_gate(redis, settings=settings, metrics=metrics, outage=outage),
+        gate=create_gate(redis, settings=settings, metrics=metrics, outage=outage, cache=cache),
+        cache=cache,
         slots=UpstreamSlots(
             settings.max_concurrency,
             max_queue=settings.max_queue,
@@ -275,12 +279,8 @@ def create_app(
     app.state.upstream_transport = upstream_transport
     install_error_handlers(app)
 
-    from app.api import admin, batch, ops, piston  # routers only; they import the modules above
-
-    app.include_router(piston.router)
-    app.include_router(admin.router)
-    app.include_router(ops.router)
-    app.include_router(batch.router)
+    for router in ROUTERS:
+        app.include_router(router)
 
     _document_key_schemes(app)
     # Added innermost first: errors -> CORS -> request context (outermost), so that every

@@ -25,11 +25,12 @@ import orjson
 from starlette.datastructures import Headers
 from starlette.responses import Response
 
-from app.cache.flight import CacheMode, cache_digest, cache_key, cache_mode
-from app.errors import GatewayError
+from app.cache.keys import CacheMode, cache_digest, cache_key, cache_mode
+from app.errors import BadRequest, GatewayError
 from app.limits.gate import Admission
 from app.limits.slots import Reservation
 from app.policy import effective_caps, effective_request
+from app.protocol.errors import InvalidRequest
 from app.protocol.resolve import Runtime
 from app.protocol.schemas import ExecuteRequest, parse_execute
 from app.settings import Settings
@@ -111,7 +112,10 @@ def plan(
 
     `headers` None is a WebSocket run: interactive, so never cached.
     """
-    parsed = parse_execute(body, max_files=settings.max_files)
+    try:
+        parsed = parse_execute(body, max_files=settings.max_files)
+    except InvalidRequest as exc:  # the protocol's 400, as the gateway's own
+        raise BadRequest(exc.message) from None
     runtime = catalog.resolve(parsed.language, parsed.version)
     effective = effective_request(
         tenant,
@@ -280,7 +284,7 @@ async def run_once(
 
             async def write(answer: UpstreamAnswer) -> None:
                 if answer.cacheable:
-                    await state.gate.store(key, answer.body, settings.cache_ttl_seconds)
+                    await state.cache.write(key, answer.body, settings.cache_ttl_seconds)
 
             ran = await state.flights.run(
                 cache.digest,
@@ -288,7 +292,7 @@ async def run_once(
                 lock_ttl_ms=planned.lease_ttl_ms,  # like the lease: a wait for a slot, the run
                 execute=execute,
                 # no-cache asks for a fresh run: don't let the flight fall back on the entry.
-                read_cached=(lambda: state.gate.read(key)) if cache.mode.lookup else None,
+                read_cached=(lambda: state.cache.read(key)) if cache.mode.lookup else None,
                 on_result=write,
             )
     except GatewayError as exc:

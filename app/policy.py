@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from app.errors import BadRequest, Forbidden
+from app.protocol.errors import InvalidRequest
 from app.protocol.resolve import Runtime
 from app.protocol.schemas import LIMIT_FIELDS, ExecuteRequest, enforce_caps
-from app.settings import Settings, StageCaps
+from app.settings import Settings
 from app.tenancy.models import Tenant, TenantCreate, TenantUpdate
 
 __all__ = ["check_tenant_caps", "effective_caps", "effective_request", "language_allowed"]
@@ -31,7 +32,7 @@ def _tightest(*caps: int | None) -> int:
 def check_tenant_caps(fields: TenantCreate | TenantUpdate, settings: Settings) -> None:
     """400 for a tenant cap above the global maximum: it would be stored but never apply."""
     global_caps = settings.global_caps
-    for name in StageCaps.FIELDS:
+    for name in LIMIT_FIELDS:
         value = getattr(fields, f"max_{name}")
         cap = global_caps[name]
         if value is not None and cap > 0 and value > cap:
@@ -64,7 +65,10 @@ def effective_request(
     """
     if not language_allowed(runtime.language, global_languages, tenant.allowed_languages):
         raise Forbidden(f"language '{runtime.language}' is not allowed for this key")
-    enforce_caps(request, caps)
+    try:
+        enforce_caps(request, caps)
+    except InvalidRequest as exc:  # the protocol's 400, as the gateway's own
+        raise BadRequest(exc.message) from None
     limits: dict[str, int | None] = {}
     for name in LIMIT_FIELDS:
         asked = request.limits.get(name)

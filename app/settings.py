@@ -11,9 +11,11 @@ from typing import Annotated, Literal
 from pydantic import AnyHttpUrl, AnyUrl, Field, RedisDsn, SecretStr, UrlConstraints, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.bootstrap import parse_runtimes
+from app.protocol.schemas import LIMIT_FIELDS
 from app.tenancy.models import check_rate_limit
 
-__all__ = ["RedisSentinelSettings", "Settings", "StageCaps", "sentinel_address"]
+__all__ = ["RedisSentinelSettings", "Settings", "sentinel_address"]
 
 NonNegative = Annotated[int, Field(ge=0)]
 Positive = Annotated[int, Field(gt=0)]
@@ -36,19 +38,6 @@ def sentinel_address(entry: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{entry!r} is not host:port (e.g. sentinel-0:26379)")
     return host, int(port)
-
-
-class StageCaps:
-    """Names of the six per-request limits Piston accepts, in Piston's own order."""
-
-    FIELDS: tuple[str, ...] = (
-        "compile_memory_limit",
-        "run_memory_limit",
-        "compile_timeout",
-        "run_timeout",
-        "compile_cpu_time",
-        "run_cpu_time",
-    )
 
 
 class Settings(BaseSettings):
@@ -125,7 +114,7 @@ class Settings(BaseSettings):
     @property
     def global_caps(self) -> dict[str, int]:
         """The global maximum of each per-request limit, by Piston field name."""
-        return {name: getattr(self, f"max_{name}") for name in StageCaps.FIELDS}
+        return {name: getattr(self, f"max_{name}") for name in LIMIT_FIELDS}
 
     # Upstream pool: health checks and DNS discovery. A probe every `health_check_seconds`,
     # bounded at 2 s: at most 3 s keeps "unhealthy within 5 s" (interval + 2 s) true.
@@ -155,8 +144,6 @@ class Settings(BaseSettings):
     @field_validator("bootstrap_runtimes")
     @classmethod
     def _valid_runtimes(cls, value: str) -> str:
-        from app.bootstrap import parse_runtimes
-
         parse_runtimes(value)  # ValueError names the bad entry
         return value
 

@@ -17,6 +17,7 @@ from app.settings import Settings
 
 if TYPE_CHECKING:
     from app.cache.flight import SingleFlight
+    from app.cache.store import CacheStore
     from app.limits import AuthFailureLimiter, Gate, UpstreamSlots
     from app.redis_outage import RedisOutage
     from app.tenancy.authenticator import Authenticator
@@ -37,6 +38,7 @@ class AppState:
     store: TenantStore
     authenticator: Authenticator
     gate: Gate
+    cache: CacheStore
     slots: UpstreamSlots
     flights: SingleFlight
     auth_failures: AuthFailureLimiter

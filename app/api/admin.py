@@ -1,8 +1,8 @@
 """The admin API (`/admin`, scope `admin`): tenants, their keys, and their usage.
 
 The key is checked before a body is read: routes declare no body parameter (FastAPI reads and
-parses those before any dependency runs) and read theirs with `_body` once the router's admin
-dependency has passed, bounded by `_MAX_BODY_BYTES`.
+parses those before the handler runs) and read theirs with `_body` once the router's admin
+check has passed, bounded by `_MAX_BODY_BYTES`.
 """
 
 from __future__ import annotations
@@ -10,15 +10,14 @@ from __future__ import annotations
 from datetime import date
 from typing import Any, Final, TypeVar
 
-from fastapi import APIRouter, Depends, Request, Response, status
+from fastapi import Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
+from app.api.deps import AppState, StateDep, keyed_router
 from app.errors import NotFound, message_responses
 from app.middleware import read_json_body
 from app.policy import check_tenant_caps
-from app.state import AppState, StateDep
-from app.tenancy.authenticator import require_scope
 from app.tenancy.models import ApiKey, KeyCreate, Tenant, TenantCreate, TenantUpdate
 
 __all__ = ["MintedKey", "Usage", "UsageDay", "router"]
@@ -28,12 +27,9 @@ USAGE_DAYS: Final = 7
 _MAX_BODY_BYTES: Final = 16_384
 _Body = TypeVar("_Body", bound=BaseModel)
 
-router = APIRouter(
-    prefix="/admin",
-    tags=["admin"],
-    # Router-level, so a route added here later is admin-only without anyone remembering to.
-    dependencies=[Depends(require_scope("admin"))],
-    responses=message_responses(401, 403, 429),
+# Router-level, so a route added here later is admin-only without anyone remembering to.
+router = keyed_router(
+    scope="admin", prefix="/admin", tags=["admin"], responses=message_responses(401, 403, 429)
 )
 
 

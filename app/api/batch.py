@@ -29,19 +29,18 @@ import math
 from typing import Any, Final
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
+from app.api.deps import AppState, get_state, keyed_router, principal_of, with_trailing_slash
 from app.batch import BatchRequest, CaseResult, answer_json, parse_batch, stops_batch, verdict
 from app.errors import GatewayError, message_responses
 from app.middleware import json_response, read_json_body
 from app.pipeline import NO_CACHE, Admission, Plan, admit, plan, run_once
-from app.state import AppState, get_state
-from app.tenancy.authenticator import authorize
 
 __all__ = ["BATCH_REQUEST_SCHEMA", "BATCH_RESPONSE_SCHEMA", "router"]
 
-router = APIRouter(prefix="/api/v2", tags=["batch"])
+router = keyed_router(scope="execute", prefix="/api/v2", tags=["batch"])
 
 _PYTHON_BATCH: Final[dict[str, Any]] = {
     "language": "python",
@@ -279,7 +278,7 @@ class _Run:
         case, planned, state = self.batch.cases[index], self.plans[index], self.state
         # The batch's admission read no entry (N cases, one script): each case reads its own.
         lookup_key = None if admission.degraded else planned.cache.lookup_key
-        cached = await state.gate.read(lookup_key) if lookup_key is not None else None
+        cached = await state.cache.read(lookup_key) if lookup_key is not None else None
         if cached is not None:
             admission.cache_hits += 1
         try:
@@ -376,7 +375,7 @@ _DOCS: Final[dict[str, Any]] = {
 
 async def batch(request: Request) -> Response:
     """Run one program over test cases and grade each (scope `execute`; not part of Piston)."""
-    principal = await authorize(request, "execute")
+    principal = principal_of(request)  # authorized by the router (app.api.deps)
     state = get_state(request)
     settings, tenant = state.settings, principal.tenant
     body = await read_json_body(request, settings.max_body_bytes)
@@ -397,6 +396,5 @@ async def batch(request: Request) -> Response:
     )
 
 
-# Like every Piston path, also with a trailing slash (only the first is in the docs).
-router.add_api_route("/batch", batch, methods=["POST"], **_DOCS)
-router.add_api_route("/batch/", batch, methods=["POST"], include_in_schema=False, **_DOCS)
+# Like every Piston path, also with a trailing slash.
+with_trailing_slash(router, "POST", "/batch", batch, **_DOCS)

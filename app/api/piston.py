@@ -1,4 +1,4 @@
-"""Piston's v2 API, served to keyed clients: execute, runtimes, packages.
+"""Piston's v2 API, served to keys with the `execute` scope: execute, runtimes, connect.
 
 Every path also answers with a trailing slash (aiopyston calls `execute/`), without a redirect.
 """
@@ -7,14 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request, WebSocket
+from fastapi import Request, WebSocket
 from starlette.responses import Response
 
-from app.errors import BadGateway, GatewayError, ServiceUnavailable, message_responses
+from app.api.deps import (
+    AppState,
+    PrincipalDep,
+    StateDep,
+    authorize,
+    get_state,
+    keyed_router,
+    principal_of,
+    with_trailing_slash,
+)
+from app.errors import GatewayError, ServiceUnavailable, message_responses
 from app.limits import Admission
 from app.limits.slots import Reservation
 from app.middleware import json_response, read_json_body
@@ -24,11 +33,7 @@ from app.protocol.schemas import (
     EXECUTE_REQUEST_SCHEMA,
     EXECUTE_RESPONSE_SCHEMA,
 )
-from app.state import AppState, StateDep, get_state
-from app.tenancy.authenticator import PrincipalDep, authorize, identify, require_scope
-from app.tenancy.keys import key_from_headers
 from app.tenancy.models import Principal, Tenant
-from app.upstream.pool import upstream_error
 from app.upstream.relay import (
     ClientGone,
     Inbox,
@@ -44,24 +49,11 @@ from app.upstream.relay import (
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/api/v2", tags=["piston"])
+# Every HTTP route here needs a key with the `execute` scope (app.api.deps).
+router = keyed_router(scope="execute", prefix="/api/v2", tags=["piston"])
 
 
-def _route(method: str, path: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
-    """Register `path` and `path/`; only the first appears on the docs page."""
-
-    def register(endpoint: Callable[..., Any]) -> Any:
-        router.add_api_route(path, endpoint, methods=[method], **kwargs)
-        slash_kwargs = {**kwargs, "include_in_schema": False}
-        router.add_api_route(path + "/", endpoint, methods=[method], **slash_kwargs)
-        return endpoint
-
-    return register
-
-
-@_route(
-    "POST",
-    "/execute",
+_EXECUTE_DOCS: dict[str, Any] = dict(
     responses={
         200: {
             "description": "Piston's answer, unchanged",
@@ -76,12 +68,12 @@ def _route(method: str, path: str, **kwargs: Any) -> Callable[[Callable[..., Any
         }
     },
 )
+
+
 async def execute(request: Request) -> Response:
     """Run code, exactly as Piston's POST /api/v2/execute (answers carry X-Cache)."""
     started = time.perf_counter()
-    # Plain calls rather than FastAPI dependencies: on a cache hit, resolving dependencies
-    # cost a fifth of the request's CPU (bench/, cProfile). The 401/403 answers are the same.
-    principal = await authorize(request, "execute")
+    principal = principal_of(request)  # authorized by the router (app.api.deps)
     state = get_state(request)
     with state.slots.reserve() as reservation:  # past the queue: 503 now, not after the body
         body = await read_json_body(request, state.settings.max_body_bytes)
@@ -93,70 +85,28 @@ async def execute(request: Request) -> Response:
     return answer(state, planned, admission, result, started=started)
 
 
-def _visible(principal: Principal, state: AppState, language: str) -> bool:
-    return language_allowed(
-        language, state.settings.allowed_languages, principal.tenant.allowed_languages
-    )
+with_trailing_slash(router, "POST", "/execute", execute, **_EXECUTE_DOCS)
 
 
-@_route(
-    "GET",
-    "/runtimes",
-    dependencies=[Depends(require_scope("execute"))],
-    responses=message_responses(401, 403, 503),
-)
 async def runtimes(principal: PrincipalDep, state: StateDep) -> Response:
     """The runtimes this key may use, in Piston's shape."""
     available = state.catalog.runtimes
     if not available:
         raise ServiceUnavailable("no upstream Piston is reachable; try again shortly")
     return json_response(
-        [rt.as_json() for rt in available if _visible(principal, state, rt.language)]
-    )
-
-
-@_route("GET", "/packages", responses=message_responses(401, 502, 503, 504))
-async def packages(principal: PrincipalDep, state: StateDep) -> Response:
-    """The upstream's packages, without those this key may not use."""
-    status, body = await state.pool.forward("GET", "/api/v2/packages")
-    if status != 200:
-        raise upstream_error(status, body)
-    try:
-        listed = orjson.loads(body)
-        visible = [
-            pkg for pkg in listed if _visible(principal, state, str(pkg.get("language", "")))
+        [
+            rt.as_json()
+            for rt in available
+            if language_allowed(
+                rt.language, state.settings.allowed_languages, principal.tenant.allowed_languages
+            )
         ]
-    except (orjson.JSONDecodeError, AttributeError, TypeError):
-        raise BadGateway("the upstream answered its package list with garbage") from None
-    return json_response(visible)
-
-
-async def _forward_package_change(request: Request, state: AppState) -> Response:
-    body = await read_json_body(request, state.settings.max_body_bytes)
-    status, answer = await state.pool.forward(
-        request.method, "/api/v2/packages", orjson.dumps(body), read_timeout=600.0
     )
-    if status >= 400:
-        raise upstream_error(status, answer)
-    return Response(answer, status_code=status, media_type="application/json")
 
 
-_ADMIN_PACKAGES: dict[str, Any] = {
-    "dependencies": [Depends(require_scope("admin"))],
-    "responses": message_responses(400, 401, 403, 404, 413, 415, 502, 503, 504),
-}
-
-
-@_route("POST", "/packages", **_ADMIN_PACKAGES)
-async def install_package(request: Request, state: StateDep) -> Response:
-    """Install a language package on the upstream (scope `admin`)."""
-    return await _forward_package_change(request, state)
-
-
-@_route("DELETE", "/packages", **_ADMIN_PACKAGES)
-async def uninstall_package(request: Request, state: StateDep) -> Response:
-    """Remove a language package from the upstream (scope `admin`)."""
-    return await _forward_package_change(request, state)
+with_trailing_slash(
+    router, "GET", "/runtimes", runtimes, responses=message_responses(401, 403, 503)
+)
 
 
 _INIT_TIMEOUT_S = 1.0  # Piston closes a socket that sends no init within a second
@@ -170,12 +120,8 @@ async def _receive_init(websocket: WebSocket, max_bytes: int) -> str:
 
 async def _principal(websocket: WebSocket) -> Principal | None:
     try:
-        # Browsers cannot set headers on a WebSocket: `?api_key=` is accepted on this path only.
-        key = key_from_headers(
-            websocket.headers.get("authorization"), websocket.headers.get("x-api-key")
-        ) or websocket.query_params.get("api_key")
-        return await identify(websocket, key)
-    except GatewayError:  # too many failed attempts from this address
+        return await authorize(websocket, "execute")
+    except GatewayError:  # no key, an invalid one, no scope, too many failed attempts
         return None
 
 
@@ -197,7 +143,7 @@ async def connect(websocket: WebSocket) -> None:
     except BaseException:
         await _stop(first_message)
         raise
-    if principal is None or not principal.can("execute"):
+    if principal is None:
         await _stop(first_message)
         # Nothing has reached the upstream; 1008 is the WebSocket "policy violation" close.
         await close_client(websocket, 1008, "a valid API key with the execute scope is required")
@@ -315,5 +261,6 @@ async def _relay(
         await close_client(websocket, *close)
 
 
+# WebSocket routes are not wrapped by the keyed router: `connect` authorizes (1008, not 401).
 router.add_api_websocket_route("/connect", connect)
 router.add_api_websocket_route("/connect/", connect)

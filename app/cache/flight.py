@@ -1,13 +1,7 @@
-"""Result cache and single-flight: the cache key, the Cache-Control modes, one run per request.
-
-The cache read and write themselves are not here: a hit must cost one Redis round trip, so the
-read rides in the limiter's admission script and the write in its finish pipeline
-(`app/limits.py`). This module decides whether to look up and store (`cache_mode`), under which
-key (`cache_digest`, `cache_key`), and makes a miss reach the upstream once however many
-identical requests arrive together, in this process or in any other (`SingleFlight`).
+"""Single-flight: a miss reaches the upstream once however many identical requests arrive
+together, in this process or in any other (`SingleFlight`).
 
 Redis layout (prefixes from `app.redis`):
-- `pgw:cache:<digest>`: the stored answer, the exact bytes that go out (written by the limiter).
 - `pgw:flight:<digest>`: the single-flight lock, a random owner token with a short lease that
   the leader renews while it runs (so a dead leader is noticed in `lease_ms`, not after the
   whole `lock_ttl_ms`), never held past `lock_ttl_ms`.
@@ -20,12 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Final, Literal, NamedTuple
+from typing import Any, Final
 
 import orjson
 import structlog
@@ -35,143 +28,12 @@ from redis.exceptions import RedisError
 
 from app.errors import GatewayError, GatewayTimeout
 from app.metrics import Metrics
-from app.protocol.schemas import LIMIT_FIELDS, ExecuteRequest
-from app.redis import CACHE, FLIGHT
+from app.redis import FLIGHT
 from app.upstream.pool import UpstreamAnswer
 
-__all__ = ["CacheMode", "FlightResult", "SingleFlight", "cache_digest", "cache_key", "cache_mode"]
+__all__ = ["FlightResult", "SingleFlight"]
 
 log = structlog.get_logger(__name__)
-
-# --------------------------------------------------------------------------- modes
-
-
-class CacheMode(NamedTuple):
-    """What the cache does for one request; `label` is its X-Cache value when it is not a hit."""
-
-    lookup: bool
-    store: bool
-    label: Literal["MISS", "BYPASS"]
-
-
-_USE: Final = CacheMode(lookup=True, store=True, label="MISS")
-_REFRESH: Final = CacheMode(lookup=False, store=True, label="MISS")
-_BYPASS: Final = CacheMode(lookup=False, store=False, label="BYPASS")
-
-
-def _directive_names(header: str) -> set[str]:
-    """The directive names of a Cache-Control value, lower-cased (RFC 9111 section 5.2).
-
-    Split on the commas that are outside quoted strings, so an argument such as
-    `community="no-store, x"` is never read as a directive of its own.
-    """
-    names: set[str] = set()
-    element: list[str] = []
-    in_quotes = escaped = False
-    for char in header + ",":
-        if escaped:
-            escaped = False
-        elif in_quotes:
-            escaped = char == "\\"
-            in_quotes = char != '"'
-        elif char == '"':
-            in_quotes = True
-        elif char == ",":
-            name = "".join(element).split("=", 1)[0].strip().lower()
-            if name:
-                names.add(name)
-            element = []
-            continue
-        element.append(char)
-    return names
-
-
-def cache_mode(*, ttl_seconds: int, tenant_cache: bool, cache_control: str | None) -> CacheMode:
-    """Whether to look up and store, from the TTL, the tenant's switch and the request's header.
-
-    Pass every Cache-Control line joined with ", " (a header may be sent more than once).
-    `no-store` wins over `no-cache` when both are present: storing is what it forbids.
-    Other directives (`max-age=0` included) leave the cache on: the contract names only these
-    two, and a browser's ordinary reload sends `max-age=0` where it means nothing for a POST.
-    """
-    if ttl_seconds <= 0 or not tenant_cache:
-        return _BYPASS
-    if not cache_control:
-        return _USE
-    directives = _directive_names(cache_control)
-    if "no-store" in directives:
-        return _BYPASS
-    if "no-cache" in directives:
-        return _REFRESH
-    return _USE
-
-
-# --------------------------------------------------------------------------- key
-
-# Bumped whenever the encoding below changes, so old entries are simply never found again.
-_DIGEST_FORMAT: Final = b"pgw-cache/1"
-
-
-def _put(update: Callable[[bytes], None], value: bytes) -> None:
-    # Length-prefixed fields: no value can run into the next one, whatever bytes it holds.
-    update(len(value).to_bytes(8, "big"))
-    update(value)
-
-
-def _text(value: str) -> bytes:
-    # surrogatepass: a lone surrogate (legal in JSON via \\ud800) must hash, not crash.
-    return value.encode("utf-8", "surrogatepass")
-
-
-def cache_digest(request: ExecuteRequest, *, tenant_id: str | None) -> str:
-    """SHA-256 hex of everything that decides an effective request's output.
-
-    `tenant_id=None` is the global scope: every tenant shares the entry.
-
-    The encoding is a sequence of length-prefixed fields in a fixed order, not JSON: it is total
-    (orjson refuses integers beyond 64 bits, which an uncapped limit may hold, and lone
-    surrogates), it depends on no serializer's options or version, and it feeds the hash without
-    building a document the size of the files. Key order in the client's JSON cannot reach it
-    (the request is already parsed), and every limit is written, unset ones as an empty field,
-    so "omitted" and "filled with the same value" are the same request only when policy made
-    them so.
-
-    A file without a name is hashed as `file<index>.code`: that is the name Piston's job.js
-    gives it (`file.name || \\`file${i}.code\\``), so both requests write the same file and run
-    the same command line. The encoding stays in the key even where the bytes agree, because
-    Piston runs only the utf8 files as code. stdin is kept exactly (no newline added): current
-    Piston passes it through unchanged.
-    """
-    digest = hashlib.sha256()
-    put = partial(_put, digest.update)
-    put(_DIGEST_FORMAT)
-    if tenant_id is None:
-        put(b"global")
-    else:
-        put(b"tenant")
-        put(_text(tenant_id))
-    put(_text(request.language))
-    put(_text(request.version))
-    put(str(len(request.files)).encode())
-    for index, file in enumerate(request.files):
-        put(_text(file.name if file.name is not None else f"file{index}.code"))
-        put(_text(file.encoding))
-        put(_text(file.content))
-    put(_text(request.stdin))
-    put(str(len(request.args)).encode())
-    for arg in request.args:
-        put(_text(arg))
-    for name in LIMIT_FIELDS:
-        value = request.limits.get(name)
-        put(name.encode())
-        put(b"" if value is None else str(value).encode())
-    return digest.hexdigest()
-
-
-def cache_key(digest: str) -> str:
-    """The Redis key of a cached answer."""
-    return CACHE + digest
-
 
 # --------------------------------------------------------------------------- single-flight
 

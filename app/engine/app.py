@@ -12,16 +12,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
 from app.engine.config import EngineSettings
-from app.engine.jobs import Engine
-from app.engine.sessions import connect
-from app.errors import (
-    BadRequest,
+from app.engine.errors import (
+    InvalidRequest,
     NotImplementedByEngine,
     PayloadTooLarge,
     UnsupportedMediaType,
     install_error_handlers,
     message_responses,
 )
+from app.engine.jobs import Engine
+from app.engine.sessions import connect
 from app.protocol.schemas import parse_execute
 
 __all__ = ["create_app"]
@@ -56,7 +56,7 @@ async def _json_body(request: Request) -> object:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
-        raise BadRequest("request body is not valid JSON") from None
+        raise InvalidRequest("request body is not valid JSON") from None
 
 
 async def list_runtimes(engine: EngineDep) -> Response:

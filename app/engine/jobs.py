@@ -28,7 +28,7 @@ from app.engine.sandbox import (
     run_stage,
     sweep_uid,
 )
-from app.errors import BadRequest
+from app.protocol.errors import InvalidRequest
 from app.protocol.resolve import Runtime, resolve_runtime, unknown_runtime_message
 from app.protocol.schemas import (
     ExecuteRequest,
@@ -150,7 +150,7 @@ def _write_files(job_dir: Path, files: Sequence[tuple[str, bytes]], uid: int | N
                         os.chown(directory, uid, uid)
             path.write_bytes(content)
         except OSError as exc:
-            raise BadRequest(f"file {name!r} cannot be written: {exc.strerror}") from None
+            raise InvalidRequest(f"file {name!r} cannot be written: {exc.strerror}") from None
         if uid is not None:
             os.chown(path, uid, uid)
 
@@ -179,7 +179,7 @@ def _refuse_nul(request: ExecuteRequest) -> None:
     fields += [(f"args[{index}]", arg) for index, arg in enumerate(request.args)]
     for name, value in fields:
         if "\x00" in value:
-            raise BadRequest(f"{name} must not contain a NUL character")
+            raise InvalidRequest(f"{name} must not contain a NUL character")
 
 
 class Engine:
@@ -278,7 +278,7 @@ class Engine:
     def resolve(self, language: str, version: str) -> HostRuntime:
         runtime = resolve_runtime(self._catalog, language, version)
         if runtime is None:
-            raise BadRequest(unknown_runtime_message(language, version))
+            raise InvalidRequest(unknown_runtime_message(language, version))
         return next(host for host in self.runtimes if host.runtime is runtime)
 
     # -- jobs --------------------------------------------------------------------------------
@@ -309,7 +309,7 @@ class Engine:
         )
 
     def job_for(self, request: ExecuteRequest) -> Job:
-        """Check a request against the catalog and the caps (BadRequest: Piston's 400 message)."""
+        """Check a request against the catalog and the caps (Piston's 400 message)."""
         _refuse_nul(request)
         require_utf8_file(request)
         host = self.resolve(request.language, request.version)

@@ -21,7 +21,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from app.engine.jobs import Engine, Job
 from app.engine.sandbox import LiveIO, PendingStdin, StageResult
-from app.errors import BadRequest
+from app.protocol.errors import InvalidRequest
 from app.protocol.schemas import parse_execute
 
 __all__ = ["connect"]
@@ -109,7 +109,7 @@ class _Connection:
                 await self.engine.run_stages(
                     job, box, stdin=job.request.stdin.encode("utf-8"), live=self.live, events=self
                 )
-        except BadRequest as exc:
+        except InvalidRequest as exc:
             await self.error(exc.message)
             return
         await self.close(4999, "Job Completed")
@@ -173,7 +173,7 @@ class _Connection:
                 return job_task
             try:
                 job = self.engine.job_for(parse_execute(message))
-            except BadRequest as exc:
+            except InvalidRequest as exc:
                 await self.error(exc.message)
                 return None
             return asyncio.ensure_future(self.run(job))

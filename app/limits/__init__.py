@@ -5,7 +5,8 @@ loop on every request (slowapi issue #3), and its default handler turns a Redis 
 on every route (#253). We keep slowapi's limit syntax (the `limits` library's `60/minute`,
 `10/second;500/hour`) and its header names, and do the counting ourselves: one Lua script per
 request (`RedisGate`), so the rate-limit windows, the daily quota, the concurrency lease, the
-usage counters and the cache read cost one Redis round trip together.
+usage counters and the cache read (the one deliberate crossing into `app.cache`) cost one Redis
+round trip together.
 
 Exports:
 - `Admission`, `Gate`, `RedisGate`, `MemoryGate`, `create_gate`: the per-tenant gate.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
+from app.cache.store import CacheStore, MemoryCacheStore
 from app.limits.failures import AuthFailureLimiter, client_address
 from app.limits.gate import DEFAULT_LEASE_TTL_MS, USAGE_FIELDS, Admission, Gate
 from app.limits.memory_gate import MemoryGate
@@ -46,13 +48,17 @@ def create_gate(
     settings: Settings,
     metrics: Metrics | None,
     outage: RedisOutage | None = None,
+    cache: CacheStore | None = None,
 ) -> Gate:
-    """The Redis gate when the app has Redis, else the in-process one (one process only)."""
+    """The Redis gate when the app has Redis, else the in-process one (one process only).
+
+    The in-process gate reads the entries of the process's `MemoryCacheStore`, `cache`."""
     if redis is None:
         return MemoryGate(
             default_rate_limit=settings.default_rate_limit,
             strategy=settings.rate_limit_strategy,
             metrics=metrics,
+            cache=cache if isinstance(cache, MemoryCacheStore) else None,
         )
     return RedisGate(
         redis,

@@ -81,7 +81,7 @@ class Admission:
 
 
 class Gate(Protocol):
-    """Per-tenant limits, quota, concurrency leases, usage and the result-cache read/write."""
+    """Per-tenant limits, quota, concurrency leases and usage; admit() also reads the cache."""
 
     async def admit(
         self,
@@ -101,13 +101,8 @@ class Gate(Protocol):
         error: bool,
         cpu_time_ms: float,
         wall_time_ms: float,
-        store: tuple[str, bytes, int] | None = None,
         cache_hits: int = 0,
     ) -> None: ...
-
-    async def read(self, cache_key: str) -> bytes | None: ...
-
-    async def store(self, cache_key: str, body: bytes, ttl_seconds: int) -> None: ...
 
     async def usage(self, tenant_id: str, days: int = 7) -> list[dict[str, object]]: ...
 

@@ -1,8 +1,10 @@
 """The in-process gate, for when GATEWAY_REDIS_URL is unset: one process only.
 
 The windows are counted by the `limits` library's own MemoryStorage and strategies; the quota,
-leases, usage and cache are plain dicts. One lock around each admit makes the check-then-take
-atomic, as the Lua script is in Redis: a refused request consumes nothing.
+leases and usage are plain dicts, and the cache entry is peeked at in the process's
+`MemoryCacheStore` (as the Redis gate's script reads it in Redis). One lock around each admit
+makes the check-then-take atomic, as the Lua script is in Redis: a refused request consumes
+nothing.
 """
 
 from __future__ import annotations
@@ -10,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections import OrderedDict
-from typing import Final
 
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter, RateLimiter
 
+from app.cache.store import MemoryCacheStore
 from app.limits.gate import (
     DEFAULT_LEASE_TTL_MS,
     MAX_USAGE_DAYS,
@@ -39,8 +40,6 @@ from app.tenancy.models import Tenant
 
 __all__ = ["MemoryGate"]
 
-_DEFAULT_CACHE_ENTRIES: Final = 10_000
-
 
 class MemoryGate:
     """The gate for a single process without Redis (development, `piston-gateway dev`)."""
@@ -51,7 +50,7 @@ class MemoryGate:
         default_rate_limit: str,
         strategy: Strategy = "fixed-window",
         metrics: Metrics | None = None,
-        cache_max_entries: int = _DEFAULT_CACHE_ENTRIES,
+        cache: MemoryCacheStore | None = None,
     ) -> None:
         self._default_rate_limit = default_rate_limit
         self._strategy: Strategy = strategy
@@ -66,8 +65,7 @@ class MemoryGate:
         self._quota: dict[tuple[str, str], int] = {}
         self._leases: dict[str, dict[str, float]] = {}  # tenant -> lease -> expiry (monotonic)
         self._usage: dict[tuple[str, str], UsageCounters] = {}
-        self._cache: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
-        self._cache_max_entries = cache_max_entries
+        self._cache = cache if cache is not None else MemoryCacheStore()
 
     async def admit(
         self,
@@ -82,7 +80,7 @@ class MemoryGate:
         windows = windows_for(tenant.rate_limit or self._default_rate_limit, self._strategy)
         quota = tenant.daily_quota or 0
         usage = self._usage_for(tenant.id, day)
-        cached = self._cached(cache_key) if cache_key else None
+        cached = self._cache.peek(cache_key) if cache_key else None
         async with self._lock:
             # Read every window first: a refusal by one must not consume the others.
             allowed = [await self._limiter.test(w.item, tenant.id, cost=cost) for w in windows]
@@ -189,7 +187,6 @@ class MemoryGate:
         error: bool,
         cpu_time_ms: float,
         wall_time_ms: float,
-        store: tuple[str, bytes, int] | None = None,
         cache_hits: int = 0,
     ) -> None:
         if admission.lease is not None:
@@ -201,31 +198,6 @@ class MemoryGate:
             usage.add("cache_hits", cache_hits)
         usage.add("cpu_time_ms", cpu_time_ms)
         usage.add("wall_time_ms", wall_time_ms)
-        if store is not None:
-            await self.store(*store)
-
-    def _cached(self, cache_key: str) -> bytes | None:
-        entry = self._cache.get(cache_key)
-        if entry is None:
-            return None
-        expiry, body = entry
-        if expiry <= time.monotonic():
-            del self._cache[cache_key]
-            return None
-        self._cache.move_to_end(cache_key)
-        return body
-
-    async def read(self, cache_key: str) -> bytes | None:
-        return self._cached(cache_key)
-
-    async def store(self, cache_key: str, body: bytes, ttl_seconds: int) -> None:
-        if ttl_seconds <= 0:
-            return
-        self._cache[cache_key] = (time.monotonic() + ttl_seconds, body)
-        self._cache.move_to_end(cache_key)
-        # A bounded cache: the least recently used entry goes first.
-        while len(self._cache) > self._cache_max_entries:
-            self._cache.popitem(last=False)
 
     async def forget(self, tenant: Tenant) -> None:
         """A tenant created later under the same id starts from zero."""

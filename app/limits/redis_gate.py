@@ -12,6 +12,10 @@ connection rather than failing a burst with MaxConnectionsError. Whatever it doe
 bounds one admit, so an outage is a prompt 503 (or, failing open, an unlimited answer). The
 process's `RedisOutage` is told what each call found; while it holds, the gate does not wait on
 Redis at all, and the outage is logged when it starts and ends, not per request.
+
+The admit script's read of the cache entry (KEYS[1]) is the one deliberate crossing from limits
+into the cache (`app.cache.store` owns every other read and every write): it makes a hit cost
+this one round trip.
 """
 
 from __future__ import annotations
@@ -197,19 +201,16 @@ redis.call('EXPIRE', KEYS[4], usage_ttl)
 return reply(outcome, cached)
 """
 
-# After the upstream answered: release the lease, add the run to usage, store the answer.
-# KEYS: concurrency zset, usage hash, [cache key]
-# ARGV: lease id or "", error 0/1, cpu_time_ms, wall_time_ms, cache ttl (0: none), body,
-#       cache hits (a batch's cases answered from the cache)
+# After the run: release the lease, add the run to usage (the answer's write is the cache's own,
+# app.cache.store). KEYS: concurrency zset, usage hash
+# ARGV: lease id or "", error 0/1, cpu_time_ms, wall_time_ms, cache hits (a batch's cases
+#       answered from the cache)
 FINISH_SCRIPT = """
-if tonumber(ARGV[7]) ~= 0 then redis.call('HINCRBY', KEYS[2], 'cache_hits', ARGV[7]) end
+if tonumber(ARGV[5]) ~= 0 then redis.call('HINCRBY', KEYS[2], 'cache_hits', ARGV[5]) end
 if ARGV[1] ~= '' then redis.call('ZREM', KEYS[1], ARGV[1]) end
 if ARGV[2] == '1' then redis.call('HINCRBY', KEYS[2], 'errors', 1) end
 if tonumber(ARGV[3]) ~= 0 then redis.call('HINCRBYFLOAT', KEYS[2], 'cpu_time_ms', ARGV[3]) end
 if tonumber(ARGV[4]) ~= 0 then redis.call('HINCRBYFLOAT', KEYS[2], 'wall_time_ms', ARGV[4]) end
-if KEYS[3] and tonumber(ARGV[5]) > 0 then
-    redis.call('SET', KEYS[3], ARGV[6], 'EX', tonumber(ARGV[5]))
-end
 return 1
 """
 
@@ -363,30 +364,24 @@ class RedisGate:
         error: bool,
         cpu_time_ms: float,
         wall_time_ms: float,
-        store: tuple[str, bytes, int] | None = None,
         cache_hits: int = 0,
     ) -> None:
-        """Release the lease, add the run's figures to usage, store the answer: one pipeline."""
+        """Release the lease and add the run's figures to usage: one script call."""
         if admission.degraded:
             return  # nothing was counted, and Redis was just found unreachable
         keys = [
             f"{CONCURRENCY}{admission.tenant_id}",
             f"{USAGE}{admission.tenant_id}:{admission.day}",
         ]
-        args: list[int | float | str | bytes] = [
+        args: list[int | float | str] = [
             admission.lease or "",
             1 if error else 0,
             cpu_time_ms,
             wall_time_ms,
-            0,
-            b"",
             cache_hits,
         ]
-        if store is not None and store[2] > 0:
-            keys.append(store[0])
-            args[4:6] = [store[2], store[1]]
-        elif admission.lease is None and not (error or cpu_time_ms or wall_time_ms or cache_hits):
-            return  # nothing to count: spare the round trip
+        if admission.lease is None and not (error or cpu_time_ms or wall_time_ms or cache_hits):
+            return  # nothing to count (a hit): spare the round trip
         if self._outage.active:
             return  # the lease expires by itself; the outage is logged already
         try:
@@ -398,28 +393,6 @@ class RedisGate:
             # The answer is already decided; an uncounted run or an unreleased lease (it expires)
             # must not turn it into an error.
             self._outage.failed(exc, by="usage")
-
-    async def read(self, cache_key: str) -> bytes | None:
-        """One cache entry (single-flight followers read the leader's answer); None on errors."""
-        if self._outage.active:
-            return None
-        try:
-            async with asyncio.timeout(self._deadline_s):
-                value: bytes | str | None = await self._redis.get(cache_key)
-        except OUTAGE_ERRORS as exc:
-            self._outage.failed(exc, by="cache_read")
-            return None
-        return value.encode() if isinstance(value, str) else value
-
-    async def store(self, cache_key: str, body: bytes, ttl_seconds: int) -> None:
-        """Store a cache entry; a failure only costs a future hit, so it is logged, not raised."""
-        if ttl_seconds <= 0 or self._outage.active:
-            return
-        try:
-            async with asyncio.timeout(self._deadline_s):
-                await self._redis.set(cache_key, body, ex=ttl_seconds)
-        except OUTAGE_ERRORS as exc:
-            self._outage.failed(exc, by="cache_store")
 
     async def forget(self, tenant: Tenant) -> None:
         """Delete a deleted tenant's usage and counters, so its id starts from zero if reused.

@@ -16,8 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.errors import BadRequest
-from app.settings import StageCaps
+from app.protocol.errors import InvalidRequest
 
 __all__ = [
     "ENCODINGS",
@@ -36,7 +35,15 @@ __all__ = [
 Encoding = Literal["utf8", "base64", "hex"]
 ENCODINGS: tuple[Encoding, ...] = ("utf8", "base64", "hex")
 _ENCODING: dict[str, Encoding] = {name: name for name in ENCODINGS}
-LIMIT_FIELDS = StageCaps.FIELDS
+# The six per-request limits Piston accepts, in Piston's own order.
+LIMIT_FIELDS: tuple[str, ...] = (
+    "compile_memory_limit",
+    "run_memory_limit",
+    "compile_timeout",
+    "run_timeout",
+    "compile_cpu_time",
+    "run_cpu_time",
+)
 # The largest integer a JSON number holds exactly everywhere (JavaScript's MAX_SAFE_INTEGER, so
 # Piston's own limit): past it a limit means nothing, and past 2^63 it breaks the sandbox's calls.
 MAX_SAFE_INTEGER = 2**53 - 1
@@ -101,7 +108,7 @@ def _is_number(value: object) -> bool:
 def _no_nul(value: str, where: str) -> str:
     """A name or argument reaches the sandbox's exec() and paths: a NUL there cannot be run."""
     if "\x00" in value:
-        raise BadRequest(f"{where} must not contain a NUL character")
+        raise InvalidRequest(f"{where} must not contain a NUL character")
     return value
 
 
@@ -114,17 +121,17 @@ def _safe_name(name: str) -> bool:
 
 def _parse_file(index: int, raw: object) -> PistonFile:
     if not isinstance(raw, dict):
-        raise BadRequest(f"files[{index}] must be an object with a content string")
+        raise InvalidRequest(f"files[{index}] must be an object with a content string")
     content = raw.get("content")
     if not isinstance(content, str):
-        raise BadRequest(f"files[{index}].content is required as a string")
+        raise InvalidRequest(f"files[{index}].content is required as a string")
     name = raw.get("name")
     if name is not None:
         if not isinstance(name, str):
-            raise BadRequest(f"files[{index}].name must be a string")
+            raise InvalidRequest(f"files[{index}].name must be a string")
         _no_nul(name, f"files[{index}].name")
         if not _safe_name(name):
-            raise BadRequest(
+            raise InvalidRequest(
                 f"files[{index}].name must be a relative path inside the job folder "
                 "(no leading '/', no '..')"
             )
@@ -135,46 +142,46 @@ def _parse_file(index: int, raw: object) -> PistonFile:
     if isinstance(raw_encoding, str):
         encoding = _ENCODING.get(raw_encoding)
     if encoding is None:
-        raise BadRequest(f"files[{index}].encoding must be one of utf8, base64, hex")
+        raise InvalidRequest(f"files[{index}].encoding must be one of utf8, base64, hex")
     file = PistonFile(content=content, name=name, encoding=encoding)
     try:
         decode_content(file)
     except (ValueError, binascii.Error):
-        raise BadRequest(f"files[{index}].content is not valid {encoding}") from None
+        raise InvalidRequest(f"files[{index}].content is not valid {encoding}") from None
     return file
 
 
 def parse_execute(body: object, *, max_files: int | None = None) -> ExecuteRequest:
     """Check an execute body the way Piston does, plus the checks Piston leaves to the job."""
     if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
+        raise InvalidRequest("request body must be a JSON object")
     language = body.get("language")
     if not language or not isinstance(language, str):
-        raise BadRequest("language is required as a string")
+        raise InvalidRequest("language is required as a string")
     _no_nul(language, "language")
     version = body.get("version")
     if not version or not isinstance(version, str):
-        raise BadRequest("version is required as a string")
+        raise InvalidRequest("version is required as a string")
     _no_nul(version, "version")
     raw_files = body.get("files")
     if not isinstance(raw_files, list):
-        raise BadRequest("files is required as an array")
+        raise InvalidRequest("files is required as an array")
     if not raw_files:
-        raise BadRequest("files must include at least one file")
+        raise InvalidRequest("files must include at least one file")
     if max_files is not None and len(raw_files) > max_files:
-        raise BadRequest(f"files cannot hold more than {max_files} files")
+        raise InvalidRequest(f"files cannot hold more than {max_files} files")
     files = tuple(_parse_file(i, raw) for i, raw in enumerate(raw_files))
 
     stdin = body.get("stdin")
     if stdin is None:
         stdin = ""
     if not isinstance(stdin, str):
-        raise BadRequest("stdin must be a string")
+        raise InvalidRequest("stdin must be a string")
     args = body.get("args")
     if args is None:
         args = []
     if not isinstance(args, list) or not all(isinstance(arg, str) for arg in args):
-        raise BadRequest("args must be an array of strings")
+        raise InvalidRequest("args must be an array of strings")
     for i, arg in enumerate(args):
         _no_nul(arg, f"args[{i}]")
 
@@ -185,13 +192,15 @@ def parse_execute(body: object, *, max_files: int | None = None) -> ExecuteReque
             limits[name] = None
             continue
         if not _is_number(value):
-            raise BadRequest(f"If specified, {name} must be a number")
+            raise InvalidRequest(f"If specified, {name} must be a number")
         if isinstance(value, float):
             if not value.is_integer():
-                raise BadRequest(f"If specified, {name} must be a whole number")
+                raise InvalidRequest(f"If specified, {name} must be a whole number")
             value = int(value)
         if not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
-            raise BadRequest(f"If specified, {name} must be at most {MAX_SAFE_INTEGER} (2^53 - 1)")
+            raise InvalidRequest(
+                f"If specified, {name} must be at most {MAX_SAFE_INTEGER} (2^53 - 1)"
+            )
         limits[name] = int(value)
 
     return ExecuteRequest(
@@ -207,7 +216,7 @@ def parse_execute(body: object, *, max_files: int | None = None) -> ExecuteReque
 def require_utf8_file(request: ExecuteRequest) -> None:
     """Piston needs one utf8 file to run (the first one is the entry point)."""
     if not any(f.encoding == "utf8" for f in request.files):
-        raise BadRequest("files must include at least one utf8 encoded file")
+        raise InvalidRequest("files must include at least one utf8 encoded file")
 
 
 def enforce_caps(request: ExecuteRequest, caps: Mapping[str, int]) -> None:
@@ -218,11 +227,11 @@ def enforce_caps(request: ExecuteRequest, caps: Mapping[str, int]) -> None:
             continue
         cap = caps.get(name, -1)
         if cap > 0 and value > cap:
-            raise BadRequest(f"{name} cannot exceed the configured limit of {cap}")
+            raise InvalidRequest(f"{name} cannot exceed the configured limit of {cap}")
         # -1 asks for "unlimited" memory, which only an uncapped limit can grant.
         unlimited_memory = value == -1 and name.endswith("memory_limit") and cap <= 0
         if value < 0 and not unlimited_memory:
-            raise BadRequest(f"{name} must be non-negative")
+            raise InvalidRequest(f"{name} must be non-negative")
 
 
 # Documentation models: the execute route parses bodies itself (Piston's messages, one pass), so

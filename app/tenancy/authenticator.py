@@ -1,4 +1,4 @@
-"""Who is calling: the key lookup (with its in-process cache) and the FastAPI dependencies.
+"""Who is calling: a presented key to its Principal, with an in-process cache of the lookups.
 
 The hot path is one SHA-256 and one dict lookup: keys found in Redis are cached in this process,
 and every change to a key or tenant is announced on `pgw:invalidate`, which drops the cached
@@ -18,32 +18,21 @@ import contextlib
 import hmac
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Annotated, Final
+from typing import Final
 
 import structlog
-from fastapi import Depends, Request
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from starlette.requests import HTTPConnection
 
 from app import redis as redis_keys
-from app.errors import Forbidden, Unauthorized
 from app.redis_outage import OUTAGE_ERRORS, REDIS_DEADLINE_S, RedisOutage, RedisUnavailable
-from app.state import get_state
-from app.tenancy.keys import hash_key, key_from_headers
+from app.tenancy.keys import hash_key
 from app.tenancy.models import ApiKey, Principal, Tenant
 from app.tenancy.store import MemoryTenantStore, TenantStore
 
-__all__ = [
-    "ADMIN_TENANT_ID",
-    "Authenticator",
-    "PrincipalDep",
-    "authenticate",
-    "require_scope",
-]
+__all__ = ["ADMIN_TENANT_ID", "Authenticator"]
 
 log = structlog.get_logger(__name__)
 
@@ -266,68 +255,3 @@ class Authenticator:
             if self._channel_lost_logged:
                 self._channel_lost_logged = False
                 log.info("key_cache_channel_restored")
-
-
-def _client_address(connection: HTTPConnection) -> str:
-    from app.limits import client_address
-
-    state = get_state(connection)
-    host = connection.client.host if connection.client is not None else "unknown"
-    return str(
-        client_address(
-            host, connection.headers.get("x-forwarded-for"), state.settings.trusted_proxies
-        )
-    )
-
-
-async def identify(connection: HTTPConnection, key: str | None) -> Principal | None:
-    """The Principal for `key` as presented on this connection (HTTP or WebSocket), or None.
-
-    A valid key is served whatever else came from its address, and no key at all is not an
-    attempt; only a key that fails is checked against its address's failures (429 past the
-    limit) and counted as one more.
-    """
-    if key is None:
-        return None
-    state = get_state(connection)
-    principal = await state.authenticator.principal_for(key)
-    if principal is None:
-        address = _client_address(connection)
-        state.auth_failures.check(address)
-        await state.auth_failures.failed(address)
-    return principal
-
-
-async def authenticate(request: Request) -> Principal:
-    """The caller's Principal, or 401 (one answer for missing, unknown, revoked and expired)."""
-    key = key_from_headers(request.headers.get("authorization"), request.headers.get("x-api-key"))
-    principal = await identify(request, key)
-    if principal is None:
-        raise Unauthorized()
-    request.state.principal = principal
-    return principal
-
-
-PrincipalDep = Annotated[Principal, Depends(authenticate)]
-
-
-def _check_scope(principal: Principal, scope: str) -> Principal:
-    if not principal.can(scope):
-        raise Forbidden(f"this key lacks the '{scope}' scope")
-    return principal
-
-
-async def authorize(request: Request, scope: str) -> Principal:
-    """authenticate + the scope check as one plain call, for the execute hot path (FastAPI's
-    dependency resolution costs a measurable share of a cache hit; see bench/)."""
-    return _check_scope(await authenticate(request), scope)
-
-
-def require_scope(scope: str) -> Callable[..., Awaitable[Principal]]:
-    """A dependency: the caller's Principal if its key has `scope`, else 403."""
-
-    async def dependency(principal: PrincipalDep) -> Principal:
-        return _check_scope(principal, scope)
-
-    dependency.__name__ = f"require_{scope}_scope"
-    return dependency

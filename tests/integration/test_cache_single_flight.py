@@ -17,7 +17,8 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from app.cache.flight import FlightResult, SingleFlight, cache_key
+from app.cache.flight import FlightResult, SingleFlight
+from app.cache.keys import cache_key
 from app.errors import BadGateway, GatewayError, GatewayTimeout
 from app.metrics import Metrics
 from app.redis import FLIGHT

@@ -12,11 +12,13 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from app.cache.store import RedisCacheStore
 from app.errors import TooManyRequests
 from app.limits import Admission, RedisGate
 from app.limits.gate import Strategy
 from app.metrics import Metrics
 from app.redis import CACHE, CONCURRENCY, QUOTA
+from app.redis_outage import RedisOutage
 from app.tenancy.models import Tenant
 from tests.support import RedisServer
 
@@ -282,18 +284,20 @@ class TestCache:
         day = datetime.now(UTC).strftime("%Y-%m-%d")
         assert await _counter(redis, f"{QUOTA}{who.id}:{day}") == 3  # the hit used quota too
 
-    async def test_finish_stores_read_reads(self, redis: Redis) -> None:
+    async def test_admit_reads_what_the_cache_store_wrote(self, redis: Redis) -> None:
         who = tenant()
         g = gate(redis)
+        cache = RedisCacheStore(redis, outage=RedisOutage(redis), deadline_s=10.0)
         key = cache_key()
         admission = await g.admit(who, cache_key=key)
         assert admission.cached is None
-        await g.finish(admission, error=False, cpu_time_ms=1, wall_time_ms=2, store=(key, b"x", 30))
-        assert await g.read(key) == b"x"
+        await g.finish(admission, error=False, cpu_time_ms=1, wall_time_ms=2)
+        await cache.write(key, b"x", 30)
+        assert await cache.read(key) == b"x"
         assert 0 < await redis.ttl(key) <= 30
-        await g.store(key, b"y", 30)
+        await cache.write(key, b"y", 30)
         assert (await g.admit(who, cache_key=key)).cached == b"y"
-        assert await g.read(cache_key()) is None
+        assert await cache.read(cache_key()) is None
 
 
 class TestUsage:

@@ -16,9 +16,11 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from app.cache.store import RedisCacheStore
 from app.errors import ServiceUnavailable, TooManyRequests
 from app.limits import Admission, AuthFailureLimiter, RedisGate
 from app.redis import CACHE
+from app.redis_outage import RedisOutage
 from app.settings import Settings
 from app.tenancy.models import Tenant
 from tests.support import RedisServer
@@ -90,7 +92,7 @@ class TestFailClosed:
             assert int(info.value.headers["Retry-After"]) >= 1
         # finish() during the outage logs and returns; it never raises.
         started = time.monotonic()
-        await gate.finish(before, error=False, cpu_time_ms=1, wall_time_ms=1, store=("k", b"", 5))
+        await gate.finish(before, error=False, cpu_time_ms=1, wall_time_ms=1)
         assert time.monotonic() - started < _PROMPTLY_S
 
         server.start()  # same port, empty: counters gone, script cache empty (NOSCRIPT)
@@ -119,12 +121,14 @@ class TestFailClosed:
         assert admission.headers["X-RateLimit-Limit"] == "3"
 
     async def test_usage_during_outage_is_503(self, server: RedisServer, redis: Redis) -> None:
-        gate = RedisGate(redis, default_rate_limit="60/minute")
+        outage = RedisOutage(redis)
+        gate = RedisGate(redis, default_rate_limit="60/minute", outage=outage)
         server.stop()
         with pytest.raises(ServiceUnavailable):
             await gate.usage("acme")
-        assert await gate.read(f"{CACHE}x") is None  # a read is only a miss
-        await gate.store(f"{CACHE}x", b"x", 10)  # and a store is only lost
+        cache = RedisCacheStore(redis, outage=outage)
+        assert await cache.read(f"{CACHE}x") is None  # a read is only a miss
+        await cache.write(f"{CACHE}x", b"x", 10)  # and a store is only lost
 
 
 class TestFailOpen:

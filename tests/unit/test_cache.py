@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 import pytest
 
-from app.cache.flight import CacheMode, cache_digest, cache_key, cache_mode
-from app.errors import BadRequest
+from app.cache.keys import CacheMode, cache_digest, cache_key, cache_mode
+from app.protocol.errors import InvalidRequest
 from app.protocol.schemas import LIMIT_FIELDS, MAX_SAFE_INTEGER, ExecuteRequest, parse_execute
 
 # What policy would fill an omitted limit with (a tenant's caps).
@@ -210,7 +210,7 @@ class TestDigestTotal:
         caps = {k: v for k, v in CAPS.items() if k != "run_memory_limit"}
         body = {**BASE, "run_memory_limit": MAX_SAFE_INTEGER}
         assert len(cache_digest(effective(body, caps), tenant_id="acme")) == 64
-        with pytest.raises(BadRequest):
+        with pytest.raises(InvalidRequest):
             effective({**BASE, "run_memory_limit": 10**30}, caps)
 
     def test_lone_surrogate(self) -> None:

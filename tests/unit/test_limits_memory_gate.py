@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from app.cache.store import MemoryCacheStore
 from app.errors import TooManyRequests
 from app.limits import Admission, MemoryGate, create_gate
 from app.limits.gate import Strategy
@@ -67,14 +68,16 @@ async def test_several_windows_refusal_consumes_nothing() -> None:
 
 
 async def test_quota_concurrency_cache_and_usage() -> None:
-    g = gate()
+    cache = MemoryCacheStore()
+    g = gate(cache=cache)
     who = tenant(rate_limit="100/minute", daily_quota=4, max_concurrency=1)
     first = await g.admit(who, cache_key="k1")
     assert first.cached is None
     assert first.lease is not None
     with pytest.raises(TooManyRequests, match="concurrency limit of 1 executions in flight"):
         await g.admit(who, cache_key=None)
-    await g.finish(first, error=True, cpu_time_ms=5, wall_time_ms=7.5, store=("k1", b"body", 60))
+    await g.finish(first, error=True, cpu_time_ms=5, wall_time_ms=7.5)
+    await cache.write("k1", b"body", 60)
     hit = await g.admit(who, cache_key="k1")
     assert (hit.cached, hit.lease) == (b"body", None)
     expiring = await g.admit(who, cache_key=None, lease_ttl_ms=20)
@@ -102,11 +105,11 @@ async def test_quota_concurrency_cache_and_usage() -> None:
 
 
 async def test_cache_is_bounded_and_expires() -> None:
-    g = gate(cache_max_entries=2)
-    await g.store("a", b"1", 60)
-    await g.store("b", b"2", 60)
+    g = MemoryCacheStore(max_entries=2)
+    await g.write("a", b"1", 60)
+    await g.write("b", b"2", 60)
     await g.read("a")  # a is now the most recently used
-    await g.store("c", b"3", 60)
+    await g.write("c", b"3", 60)
     assert (await g.read("a"), await g.read("b"), await g.read("c")) == (b"1", None, b"3")
-    await g.store("d", b"4", 0)  # a TTL of 0 stores nothing
+    await g.write("d", b"4", 0)  # a TTL of 0 stores nothing
     assert await g.read("d") is None

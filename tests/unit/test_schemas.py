@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from app.errors import BadRequest
+from app.protocol.errors import InvalidRequest
 from app.protocol.schemas import LIMIT_FIELDS, enforce_caps, parse_execute, require_utf8_file
 
 
@@ -59,14 +59,14 @@ def body(**overrides: Any) -> dict[str, Any]:
     ],
 )
 def test_bad_bodies(raw: Any, message: str) -> None:
-    with pytest.raises(BadRequest) as info:
+    with pytest.raises(InvalidRequest) as info:
         parse_execute(raw)
     assert info.value.message.startswith(message)
     assert info.value.status_code == 400
 
 
 def test_too_many_files() -> None:
-    with pytest.raises(BadRequest, match="more than 2 files"):
+    with pytest.raises(InvalidRequest, match="more than 2 files"):
         parse_execute(body(files=[{"content": "a"}] * 3), max_files=2)
 
 
@@ -92,7 +92,7 @@ def test_good_body() -> None:
 
 def test_needs_a_utf8_file() -> None:
     parsed = parse_execute(body(files=[{"content": "aGk=", "encoding": "base64"}]))
-    with pytest.raises(BadRequest, match="at least one utf8"):
+    with pytest.raises(InvalidRequest, match="at least one utf8"):
         require_utf8_file(parsed)
 
 
@@ -114,7 +114,7 @@ def test_needs_a_utf8_file() -> None:
     ],
 )
 def test_caps_refused(limits: dict[str, int], caps: dict[str, int], message: str) -> None:
-    with pytest.raises(BadRequest, match=message):
+    with pytest.raises(InvalidRequest, match=message):
         enforce_caps(parse_execute(body(**limits)), caps)
 
 
@@ -146,7 +146,7 @@ def test_caps_allowed(limits: dict[str, int], caps: dict[str, int]) -> None:
     ],
 )
 def test_nul_in_names_and_args(raw: Any, message: str) -> None:
-    with pytest.raises(BadRequest) as info:
+    with pytest.raises(InvalidRequest) as info:
         parse_execute(raw)
     assert info.value.message == message
 
@@ -161,7 +161,7 @@ def test_nul_in_stdin_and_content_is_data() -> None:
 @pytest.mark.parametrize("name", LIMIT_FIELDS)
 @pytest.mark.parametrize("value", [2**53, 2**63, 2**64 + 1, -(2**63), 1e300])
 def test_limits_past_2_53_are_refused(name: str, value: float) -> None:
-    with pytest.raises(BadRequest) as info:
+    with pytest.raises(InvalidRequest) as info:
         parse_execute(body(**{name: value}))
     assert info.value.message == f"If specified, {name} must be at most 9007199254740991 (2^53 - 1)"
 
@@ -173,13 +173,13 @@ def test_limits_up_to_2_53_minus_1_pass(name: str) -> None:
 
 @pytest.mark.parametrize("value", [False, True])
 def test_booleans_are_not_limits(value: bool) -> None:
-    with pytest.raises(BadRequest, match="If specified, run_memory_limit must be a number"):
+    with pytest.raises(InvalidRequest, match="If specified, run_memory_limit must be a number"):
         parse_execute(body(run_memory_limit=value))
 
 
 @pytest.mark.parametrize("encoding", [{}, [], 0, False, "", "UTF8", "utf-8", ["utf8"]])
 def test_encoding_is_one_of_three_strings(encoding: object) -> None:
-    with pytest.raises(BadRequest) as info:
+    with pytest.raises(InvalidRequest) as info:
         parse_execute(body(files=[{"content": "x", "encoding": encoding}]))
     assert info.value.message == "files[0].encoding must be one of utf8, base64, hex"
 
