@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import hiredis
 import structlog
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
-from redis.asyncio import Connection, ConnectionPool, Redis
-from redis.asyncio.connection import parse_url
-from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelManagedSSLConnection
-from redis.backoff import NoBackoff
 
 from app import __version__
 from app.api import ROUTERS
@@ -29,15 +23,16 @@ from app.limits import AuthFailureLimiter, UpstreamSlots, create_gate
 from app.logging import configure_logging
 from app.metrics import Metrics
 from app.middleware import RequestContextMiddleware, UnexpectedErrorMiddleware
+from app.redis import open_redis
 from app.redis_outage import RedisOutage
-from app.settings import RedisSentinelSettings, Settings, sentinel_address
+from app.settings import Settings
 from app.state import AppState
 from app.tenancy.authenticator import Authenticator
 from app.tenancy.store import create_store
 from app.upstream.catalog import RuntimeCatalog
 from app.upstream.pool import PistonPool
 
-__all__ = ["create_app", "open_redis"]
+__all__ = ["create_app"]
 
 _LOGGING_FLAG = "PGW_JSON_LOGS"
 
@@ -62,86 +57,6 @@ across replicas, daily quotas and a result cache.
 Present a key as `Authorization: Bearer <key>`, `X-API-Key: <key>`, or a bare
 `Authorization: <key>`. Every error is `{"message": "..."}`.
 """
-
-
-class _HiredisPackingConnection(Connection):
-    """redis-py's asyncio connection packs commands in Python (its sync one uses hiredis):
-    a fifth of a cache hit's CPU went to packing the gate's script call (bench/, cProfile)."""
-
-    def pack_command(self, *args: Any) -> list[bytes]:
-        command = args[0]
-        if isinstance(command, str) and " " in command:  # "SCRIPT LOAD": words go separately
-            args = (*command.split(), *args[1:])
-        return [hiredis.pack_command(args)]
-
-
-class _SentinelRedis(Redis):
-    """A client of the Sentinel's current master that also closes its connections to the
-    sentinels when it is closed (redis-py leaves those open)."""
-
-    sentinels: list[Redis]
-
-    async def aclose(self, close_connection_pool: bool | None = None) -> None:
-        await super().aclose(close_connection_pool)
-        for sentinel in self.sentinels:
-            await sentinel.aclose()
-
-
-def open_redis(
-    url: str,
-    *,
-    name: str,
-    sentinels: Sequence[str] | None = None,
-    sentinel_master: str | None = None,
-    sentinel_password: str | None = None,
-) -> Redis:
-    """One pool per process, short timeouts so an outage is answered quickly, never hung on.
-
-    With Redis Sentinel (`sentinels` as `host:port`, or GATEWAY_REDIS_SENTINELS when the caller
-    passes none) the pool asks the sentinels for the current master of `sentinel_master` and
-    follows a failover; `url` then gives only the database, the master's credentials and TLS.
-    """
-    timeouts: dict[str, Any] = {
-        "socket_connect_timeout": 0.5,
-        "socket_timeout": 1.0,
-        "health_check_interval": 15,
-        "retry": Retry(NoBackoff(), 1),
-        "client_name": f"{name}-{os.getpid()}",
-    }
-    if sentinels is None:
-        from_env = RedisSentinelSettings()
-        sentinels = from_env.redis_sentinels
-        sentinel_master = sentinel_master or from_env.redis_sentinel_master
-        if sentinel_password is None and from_env.redis_sentinel_password is not None:
-            sentinel_password = from_env.redis_sentinel_password.get_secret_value()
-    if sentinels:
-        target = parse_url(url)
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            [sentinel_address(entry) for entry in sentinels],
-            sentinel_kwargs={
-                "password": sentinel_password,
-                "socket_connect_timeout": 0.5,
-                "socket_timeout": 1.0,
-            },
-        )
-        if url.startswith("rediss"):
-            timeouts["connection_class"] = SentinelManagedSSLConnection
-        client: _SentinelRedis = sentinel.master_for(
-            sentinel_master or "mymaster",
-            redis_class=_SentinelRedis,
-            db=target.get("db", 0),
-            username=target.get("username"),
-            password=target.get("password"),
-            max_connections=2048,
-            **timeouts,
-        )
-        client.sentinels = list(sentinel.sentinels)
-        return client
-    # A plain pool: BlockingConnectionPool's condition and timeout per command cost a fifth of
-    # a Redis call's CPU (bench/, cProfile); a ceiling this high is not reached in practice.
-    fast = {"connection_class": _HiredisPackingConnection} if url.startswith("redis://") else {}
-    pool = ConnectionPool.from_url(url, **fast, max_connections=2048, **timeouts)
-    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
 
 
 @asynccontextmanager
@@ -191,9 +106,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             metrics=metrics,
         ),
         flights=SingleFlight(redis, metrics=metrics),
-        auth_failures=AuthFailureLimiter(
-            settings=settings, redis_url=settings.redis_url, outage=outage
-        ),
+        auth_failures=AuthFailureLimiter(settings=settings, redis=redis, outage=outage),
         extras={},
         outage=outage,
     )

@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 
 from app.errors import GatewayError, GatewayTimeout
 from app.metrics import Metrics
-from app.redis import FLIGHT
+from app.redis import FLIGHT, FLIGHT_PATTERN, flight_lock
 from app.upstream.pool import UpstreamAnswer
 
 __all__ = ["FlightResult", "SingleFlight"]
@@ -127,7 +127,7 @@ class _Flight:
 
     @property
     def lock(self) -> str:
-        return FLIGHT + self.digest
+        return flight_lock(self.digest)
 
 
 class SingleFlight:
@@ -457,7 +457,7 @@ class SingleFlight:
         while not self._closed:  # a cancel lost inside redis-py still ends the loop here
             pubsub = redis.pubsub()
             try:
-                await pubsub.psubscribe(FLIGHT + "*")
+                await pubsub.psubscribe(FLIGHT_PATTERN)
                 async for message in pubsub.listen():
                     if message["type"] == "psubscribe":
                         self._listening = True

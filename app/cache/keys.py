@@ -13,7 +13,7 @@ from functools import partial
 from typing import Final, Literal, NamedTuple
 
 from app.protocol.schemas import LIMIT_FIELDS, ExecuteRequest
-from app.redis import CACHE
+from app.redis import cache_entry
 
 __all__ = ["CacheMode", "cache_digest", "cache_key", "cache_mode"]
 
@@ -144,4 +144,4 @@ def cache_digest(request: ExecuteRequest, *, tenant_id: str | None) -> str:
 
 def cache_key(digest: str) -> str:
     """The Redis key of a cached answer."""
-    return CACHE + digest
+    return cache_entry(digest)

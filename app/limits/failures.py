@@ -24,14 +24,12 @@ import structlog
 from limits import RateLimitItem, parse_many
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter, RateLimiter
-from redis.asyncio import ConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio import Redis
 
 from app.errors import TooManyRequests
 from app.limits.gate import retry_after
 from app.metrics import Metrics
-from app.redis import RATE_LIMIT
+from app.redis import rate_limit_window
 from app.redis_outage import REDIS_DEADLINE_S, RedisOutage
 from app.settings import Settings
 
@@ -40,7 +38,7 @@ __all__ = ["AUTH_FAILURE_PREFIX", "AuthFailureLimiter", "client_address"]
 log = structlog.get_logger(__name__)
 
 # pgw:rl:auth:LIMITER/<address>/20/1/minute (the limits library's key under our prefix)
-AUTH_FAILURE_PREFIX: Final = RATE_LIMIT + "auth"
+AUTH_FAILURE_PREFIX: Final = rate_limit_window("auth")
 _MAX_BLOCKED: Final = 100_000  # addresses remembered; beyond it the expired ones are dropped
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -54,39 +52,28 @@ class AuthFailureLimiter:
         self,
         *,
         settings: Settings,
-        redis_url: object | None = None,
+        redis: Redis | None = None,
         metrics: Metrics | None = None,
         outage: RedisOutage | None = None,
     ) -> None:
         self._owns_outage = outage is None
         self._items: list[RateLimitItem] = parse_many(settings.auth_failure_rate_limit)
         self._metrics = metrics
-        self._pool: ConnectionPool | None = None
+        self._redis = redis
         storage: Storage
-        if redis_url is None:
+        if redis is None:
             storage = MemoryStorage()
         else:
-            url = str(redis_url)
-            # A pool of our own with the gateway's short timeouts and one immediate retry (a
-            # connection left stale by a Redis restart), not redis-py's default of ten retries
-            # with backoff, which would hold a failed login for seconds during an outage.
-            self._pool = ConnectionPool.from_url(
-                url,
-                socket_connect_timeout=0.5,
-                socket_timeout=1.0,
-                retry=Retry(NoBackoff(), 1),
-                client_name="pgw-auth-failures",
-            )
+            # The process's one pool (app.redis.open_redis: short timeouts, one immediate
+            # retry), so an outage holds a failed login no longer than any other Redis call.
             storage = RedisStorage(
-                f"async+{url}",
+                "async+redis://",  # unused: the library's client runs on the pool below
                 implementation="redispy",
                 key_prefix=AUTH_FAILURE_PREFIX,
-                connection_pool=self._pool,  # type: ignore[arg-type]  # passed on to redis-py
+                connection_pool=redis.connection_pool,  # type: ignore[arg-type]  # to redis-py
             )
-        # On its own (tests), an outage state that probes the limiter's own pool.
-        self._outage = outage or RedisOutage(
-            Redis(connection_pool=self._pool) if self._pool is not None else None
-        )
+        # On its own (tests), an outage state of its own.
+        self._outage = outage or RedisOutage(redis)
         self._limiter: RateLimiter = (
             MovingWindowRateLimiter(storage)
             if settings.rate_limit_strategy == "moving-window"
@@ -112,7 +99,7 @@ class AuthFailureLimiter:
 
     async def failed(self, address: str) -> None:
         """Count one failed authentication; past the limit, `check(address)` starts refusing."""
-        if self._pool is not None and self._outage.active:
+        if self._redis is not None and self._outage.active:
             return  # fail open without waiting on Redis: the outage is logged already
         try:
             async with asyncio.timeout(REDIS_DEADLINE_S):
@@ -140,8 +127,7 @@ class AuthFailureLimiter:
     async def close(self) -> None:
         if self._owns_outage:
             await self._outage.close()
-        if self._pool is not None:
-            await self._pool.aclose()
+        # The pool is the process's: its owner closes it.
 
 
 def _parse_ip(text: str) -> Address | None:

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from app.errors import GatewayError, NotFound
 from app.limits import create_gate
 from app.policy import check_tenant_caps
+from app.redis import open_redis
 from app.settings import Settings
 from app.tenancy.keys import parse_duration
 from app.tenancy.models import ApiKey, Scope, Tenant, TenantCreate
@@ -81,11 +82,11 @@ def _run_on_redis(action: Callable[[RedisTenantStore, Redis], Awaitable[_T]]) ->
     url = _redis_url()
 
     async def main() -> _T:
-        redis = Redis.from_url(
+        redis = open_redis(
             url,
-            socket_connect_timeout=_REDIS_TIMEOUT_SECONDS,
-            socket_timeout=_REDIS_TIMEOUT_SECONDS,
-            client_name="pgw-cli",
+            name="pgw-cli",
+            connect_timeout_s=_REDIS_TIMEOUT_SECONDS,
+            timeout_s=_REDIS_TIMEOUT_SECONDS,
         )
         try:
             return await action(RedisTenantStore(redis), redis)

@@ -12,6 +12,7 @@ from app.errors import TooManyRequests
 from app.limits import AuthFailureLimiter
 from app.limits.failures import AUTH_FAILURE_PREFIX
 from app.metrics import Metrics
+from app.redis import open_redis
 from app.settings import Settings
 from tests.support import RedisServer
 
@@ -28,11 +29,15 @@ async def limiters(
     """Two limiters on one Redis: two gateway replicas."""
     settings = Settings(auth_failure_rate_limit="3/minute", rate_limit_strategy=request.param)
     metrics = Metrics()
-    one = AuthFailureLimiter(settings=settings, redis_url=redis_server.url, metrics=metrics)
-    two = AuthFailureLimiter(settings=settings, redis_url=redis_server.url)
+    # Each replica with its own client, as each process opens its own.
+    clients = [open_redis(redis_server.url, name="pgw-test-auth") for _ in range(2)]
+    one = AuthFailureLimiter(settings=settings, redis=clients[0], metrics=metrics)
+    two = AuthFailureLimiter(settings=settings, redis=clients[1])
     yield one, two, metrics
     await one.close()
     await two.close()
+    for client in clients:
+        await client.aclose()
 
 
 async def test_blocks_after_the_limit(

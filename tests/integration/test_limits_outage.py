@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from app.cache.store import RedisCacheStore
 from app.errors import ServiceUnavailable, TooManyRequests
 from app.limits import Admission, AuthFailureLimiter, RedisGate
-from app.redis import CACHE
+from app.redis import CACHE, open_redis
 from app.redis_outage import RedisOutage
 from app.settings import Settings
 from app.tenancy.models import Tenant
@@ -38,18 +38,11 @@ def server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-async def redis(server: RedisServer) -> AsyncIterator[Redis]:
-    # Exactly the client app.main.open_redis builds (redis-py's default retry policy included).
-    client = Redis.from_url(
-        server.url,
-        socket_connect_timeout=0.5,
-        socket_timeout=1.0,
-        health_check_interval=15,
-        retry_on_timeout=False,
-        client_name="pgw-test",
-    )
-    yield client
-    await client.aclose()
+async def client(server: RedisServer) -> AsyncIterator[Redis]:
+    """The client the gateway runs on (app.redis.open_redis), on this module's own server."""
+    redis = open_redis(server.url, name="pgw-test")
+    yield redis
+    await redis.aclose()
 
 
 def tenant(**fields: Any) -> Tenant:
@@ -73,8 +66,8 @@ async def admitted_after_recovery(gate: RedisGate, who: Tenant) -> Admission:
 
 
 class TestFailClosed:
-    async def test_outage_is_503_then_recovers(self, server: RedisServer, redis: Redis) -> None:
-        gate = RedisGate(redis, default_rate_limit="60/minute", fail_open=False)
+    async def test_outage_is_503_then_recovers(self, server: RedisServer, client: Redis) -> None:
+        gate = RedisGate(client, default_rate_limit="60/minute", fail_open=False)
         who = tenant(daily_quota=100)
         before = await gate.admit(who, cache_key=None)
         assert before.headers["X-RateLimit-Remaining"] == "2"
@@ -103,9 +96,9 @@ class TestFailClosed:
         with pytest.raises(TooManyRequests):
             await gate.admit(who, cache_key=None)
 
-    async def test_hung_redis_is_503_not_a_hang(self, server: RedisServer, redis: Redis) -> None:
+    async def test_hung_redis_is_503_not_a_hang(self, server: RedisServer, client: Redis) -> None:
         """A Redis that accepts but never answers (paused, or a dead network path)."""
-        gate = RedisGate(redis, default_rate_limit="60/minute")
+        gate = RedisGate(client, default_rate_limit="60/minute")
         who = tenant()
         await gate.admit(who, cache_key=None)
         assert server.proc is not None
@@ -120,22 +113,22 @@ class TestFailClosed:
         admission = await admitted_after_recovery(gate, who)
         assert admission.headers["X-RateLimit-Limit"] == "3"
 
-    async def test_usage_during_outage_is_503(self, server: RedisServer, redis: Redis) -> None:
-        outage = RedisOutage(redis)
-        gate = RedisGate(redis, default_rate_limit="60/minute", outage=outage)
+    async def test_usage_during_outage_is_503(self, server: RedisServer, client: Redis) -> None:
+        outage = RedisOutage(client)
+        gate = RedisGate(client, default_rate_limit="60/minute", outage=outage)
         server.stop()
         with pytest.raises(ServiceUnavailable):
             await gate.usage("acme")
-        cache = RedisCacheStore(redis, outage=outage)
+        cache = RedisCacheStore(client, outage=outage)
         assert await cache.read(f"{CACHE}x") is None  # a read is only a miss
         await cache.write(f"{CACHE}x", b"x", 10)  # and a store is only lost
 
 
 class TestFailOpen:
     async def test_outage_serves_unlimited_then_recovers(
-        self, server: RedisServer, redis: Redis, caplog: pytest.LogCaptureFixture
+        self, server: RedisServer, client: Redis, caplog: pytest.LogCaptureFixture
     ) -> None:
-        gate = RedisGate(redis, default_rate_limit="60/minute", fail_open=True)
+        gate = RedisGate(client, default_rate_limit="60/minute", fail_open=True)
         who = tenant(max_concurrency=1)
         await gate.admit(who, cache_key=None)
 
@@ -158,9 +151,9 @@ class TestFailOpen:
 
 
 class TestAuthFailuresDuringOutage:
-    async def test_fails_open(self, server: RedisServer) -> None:
+    async def test_fails_open(self, server: RedisServer, client: Redis) -> None:
         limiter = AuthFailureLimiter(
-            settings=Settings(auth_failure_rate_limit="2/minute"), redis_url=server.url
+            settings=Settings(auth_failure_rate_limit="2/minute"), redis=client
         )
         server.stop()
         for _ in range(4):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from app.main import open_redis
+from app.redis import open_redis
 from app.settings import Settings
 from tests.support import RedisServer, free_port, wait_for_port
 
