@@ -590,7 +590,46 @@ async def _run_stage(
     live: LiveIO | None,
     scratch: Path | None,
 ) -> StageResult:
-    loop = asyncio.get_running_loop()
+    """spawn -> supervise -> judge."""
+    sandbox = await _spawn(
+        descriptors,
+        settings=settings,
+        uid=uid,
+        job_dir=job_dir,
+        env=env,
+        command=command,
+        limits=limits,
+        scratch=scratch,
+    )
+    if isinstance(sandbox, StageResult):  # it could not start: the sandbox's failure, XX
+        return sandbox
+    supervisor = _Supervisor(sandbox, limits=limits, live=live, stdin=stdin)
+    await supervisor.run(descriptors)
+    return _judge(sandbox, supervisor, limits)
+
+
+@dataclass(frozen=True, slots=True)
+class _Sandbox:
+    """A started stage: bwrap's process, and the engine's ends of its two pipes."""
+
+    proc: asyncio.subprocess.Process
+    started: float  # monotonic
+    status_r: int  # the supervisor's report (exit status, cpu time, memory)
+    control_w: int  # to the supervisor: a signal number, `k` to kill, EOF to end
+
+
+async def _spawn(
+    descriptors: _Descriptors,
+    *,
+    settings: EngineSettings,
+    uid: int,
+    job_dir: Path,
+    env: Mapping[str, str],
+    command: Sequence[str],
+    limits: StageLimits,
+    scratch: Path | None,
+) -> _Sandbox | StageResult:
+    """Start bwrap on the job; a StageResult (XX) when it cannot start."""
     try:
         status_r, status_w = descriptors.pipe()
         control_r, control_w = descriptors.pipe()
@@ -653,42 +692,55 @@ async def _run_stage(
         descriptors.close(control_w)
         await _end_sandbox(proc)
         raise asyncio.CancelledError
+    return _Sandbox(proc=proc, started=started, status_r=status_r, control_w=control_w)
 
-    killed: str | None = None
-    hard_kill: asyncio.TimerHandle | None = None
 
-    def stop(reason: str) -> None:
-        nonlocal killed, hard_kill
-        if killed is not None:
+class _Supervisor:
+    """One running stage: its output under the limit, its stdin and signals, its deadline."""
+
+    def __init__(
+        self, sandbox: _Sandbox, *, limits: StageLimits, live: LiveIO | None, stdin: bytes
+    ) -> None:
+        self._sandbox, self._limits, self._live, self._stdin = sandbox, limits, live, stdin
+        self.killed: str | None = None  # the status the stage was stopped with (TO, OL, EL)
+        self._hard_kill: asyncio.TimerHandle | None = None
+        self.stdout, self.stderr = bytearray(), bytearray()
+        self.output: list[bytes] = []
+        self.ended_at = sandbox.started
+
+    def _stop(self, reason: str) -> None:
+        if self.killed is not None:
             return
-        killed = reason
+        self.killed = reason
         with contextlib.suppress(OSError):
-            os.write(control_w, b"k")
-        hard_kill = loop.call_later(_KILL_GRACE_SECONDS, _kill_quietly, proc)
+            os.write(self._sandbox.control_w, b"k")
+        self._hard_kill = asyncio.get_running_loop().call_later(
+            _KILL_GRACE_SECONDS, _kill_quietly, self._sandbox.proc
+        )
 
-    stdout, stderr = bytearray(), bytearray()
-    output: list[bytes] = []
-
-    async def pump(stream: asyncio.StreamReader, buffer: bytearray, name: str, reason: str) -> None:
+    async def _pump(
+        self, stream: asyncio.StreamReader, buffer: bytearray, name: str, reason: str
+    ) -> None:
         size = 0
         while chunk := await stream.read(_READ_CHUNK):
-            if killed is not None:
+            if self.killed is not None:
                 continue  # draining a stopped job: nothing more is kept
-            if size + len(chunk) > limits.output_max_size:
-                stop(reason)
+            if size + len(chunk) > self._limits.output_max_size:
+                self._stop(reason)
                 continue
             size += len(chunk)
-            if live is not None:
-                await live.output(name, chunk)
+            if self._live is not None:
+                await self._live.output(name, chunk)
             else:
                 buffer += chunk
-                output.append(chunk)
+                self.output.append(chunk)
 
-    async def feed() -> None:
+    async def _feed(self) -> None:
+        proc, live = self._sandbox.proc, self._live
         assert proc.stdin is not None
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            if stdin:
-                proc.stdin.write(stdin)
+            if self._stdin:
+                proc.stdin.write(self._stdin)
                 await proc.stdin.drain()
             while live is not None:
                 chunk = await live.stdin.get()
@@ -699,64 +751,70 @@ async def _run_stage(
                     live.stdin.taken(len(chunk))
         proc.stdin.close()
 
-    async def relay_signals() -> None:
-        while live is not None:
-            number = await live.signals.get()
-            if killed is None:
+    async def _relay_signals(self) -> None:
+        while self._live is not None:
+            number = await self._live.signals.get()
+            if self.killed is None:
                 with contextlib.suppress(OSError):
-                    os.write(control_w, bytes([number]))
+                    os.write(self._sandbox.control_w, bytes([number]))
 
-    ended_at = started
+    async def _wait_exit(self) -> None:
+        await self._sandbox.proc.wait()
+        self.ended_at = time.monotonic()
 
-    async def wait_exit() -> None:
-        nonlocal ended_at
-        await proc.wait()
-        ended_at = time.monotonic()
+    async def run(self, descriptors: _Descriptors) -> None:
+        """Until the program ends (or is stopped at its deadline); the sandbox is gone after."""
+        proc = self._sandbox.proc
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        tasks = [
+            asyncio.ensure_future(self._pump(proc.stdout, self.stdout, "stdout", "OL")),
+            asyncio.ensure_future(self._pump(proc.stderr, self.stderr, "stderr", "EL")),
+            asyncio.ensure_future(self._wait_exit()),
+        ]
+        helpers = [
+            asyncio.ensure_future(self._feed()),
+            asyncio.ensure_future(self._relay_signals()),
+        ]
+        try:
+            _, pending = await asyncio.wait(tasks, timeout=self._limits.timeout_ms / 1000)
+            if pending:
+                self._stop("TO")
+            await asyncio.gather(*tasks)
+            if self._live is not None:
+                # An interactive stdin and signal relay stay open until the program ends.
+                for helper in helpers:
+                    helper.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+        finally:
+            # Also when cancelled (an interactive client went away): the sandbox dies with it.
+            for task in (*tasks, *helpers):
+                task.cancel()
+            if self._hard_kill is not None:
+                self._hard_kill.cancel()
+            descriptors.close(self._sandbox.control_w)
+            await _end_sandbox(proc)
 
-    assert proc.stdout is not None
-    assert proc.stderr is not None
-    tasks = [
-        asyncio.ensure_future(pump(proc.stdout, stdout, "stdout", "OL")),
-        asyncio.ensure_future(pump(proc.stderr, stderr, "stderr", "EL")),
-        asyncio.ensure_future(wait_exit()),
-    ]
-    helpers = [asyncio.ensure_future(feed()), asyncio.ensure_future(relay_signals())]
+
+def _judge(sandbox: _Sandbox, supervisor: _Supervisor, limits: StageLimits) -> StageResult:
+    """The stage's result as Piston reports it, from the supervisor's report and what was seen."""
+    os.set_blocking(sandbox.status_r, False)
     try:
-        _, pending = await asyncio.wait(tasks, timeout=limits.timeout_ms / 1000)
-        if pending:
-            stop("TO")
-        await asyncio.gather(*tasks)
-        if live is not None:
-            # An interactive stdin and signal relay stay open until the program ends.
-            for helper in helpers:
-                helper.cancel()
-        await asyncio.gather(*helpers, return_exceptions=True)
-    finally:
-        # Also when cancelled (an interactive client went away): the sandbox dies with the stage.
-        for task in (*tasks, *helpers):
-            task.cancel()
-        if hard_kill is not None:
-            hard_kill.cancel()
-        descriptors.close(control_w)
-        await _end_sandbox(proc)
-
-    os.set_blocking(status_r, False)
-    try:
-        raw = os.read(status_r, 256)
+        raw = os.read(sandbox.status_r, 256)
     except BlockingIOError:
         raw = b""
     report = parse_report(raw)
-    verdict = classify(killed=killed, report=report, cpu_time_ms=limits.cpu_time_ms)
+    verdict = classify(killed=supervisor.killed, report=report, cpu_time_ms=limits.cpu_time_ms)
     return StageResult(
-        stdout=stdout.decode("utf-8", "replace"),
-        stderr=stderr.decode("utf-8", "replace"),
-        output=b"".join(output).decode("utf-8", "replace"),
+        stdout=supervisor.stdout.decode("utf-8", "replace"),
+        stderr=supervisor.stderr.decode("utf-8", "replace"),
+        output=b"".join(supervisor.output).decode("utf-8", "replace"),
         code=verdict.code,
         signal=verdict.signal,
         message=verdict.message,
         status=verdict.status,
         cpu_time=report.cpu_time_ms if report else None,
-        wall_time=round((ended_at - started) * 1000),
+        wall_time=round((supervisor.ended_at - sandbox.started) * 1000),
         memory=report.memory_bytes if report else None,
     )
 
