@@ -12,7 +12,7 @@ import binascii
 import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -101,7 +101,7 @@ def decode_content(file: PistonFile) -> bytes:
     return file.content.encode("utf-8")
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
@@ -151,64 +151,71 @@ def _parse_file(index: int, raw: object) -> PistonFile:
     return file
 
 
-def parse_execute(body: object, *, max_files: int | None = None) -> ExecuteRequest:
-    """Check an execute body the way Piston does, plus the checks Piston leaves to the job."""
-    if not isinstance(body, dict):
-        raise InvalidRequest("request body must be a JSON object")
-    language = body.get("language")
-    if not language or not isinstance(language, str):
-        raise InvalidRequest("language is required as a string")
-    _no_nul(language, "language")
-    version = body.get("version")
-    if not version or not isinstance(version, str):
-        raise InvalidRequest("version is required as a string")
-    _no_nul(version, "version")
-    raw_files = body.get("files")
+def _required_text(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not value or not isinstance(value, str):
+        raise InvalidRequest(f"{name} is required as a string")
+    return _no_nul(value, name)
+
+
+def _parse_files(raw_files: object, max_files: int | None) -> tuple[PistonFile, ...]:
     if not isinstance(raw_files, list):
         raise InvalidRequest("files is required as an array")
     if not raw_files:
         raise InvalidRequest("files must include at least one file")
     if max_files is not None and len(raw_files) > max_files:
         raise InvalidRequest(f"files cannot hold more than {max_files} files")
-    files = tuple(_parse_file(i, raw) for i, raw in enumerate(raw_files))
+    return tuple(_parse_file(i, raw) for i, raw in enumerate(raw_files))
 
-    stdin = body.get("stdin")
+
+def _parse_stdin(stdin: object) -> str:
     if stdin is None:
-        stdin = ""
+        return ""
     if not isinstance(stdin, str):
         raise InvalidRequest("stdin must be a string")
-    args = body.get("args")
+    return stdin
+
+
+def _parse_args(args: object) -> tuple[str, ...]:
     if args is None:
-        args = []
+        return ()
     if not isinstance(args, list) or not all(isinstance(arg, str) for arg in args):
         raise InvalidRequest("args must be an array of strings")
-    for i, arg in enumerate(args):
-        _no_nul(arg, f"args[{i}]")
+    return tuple(_no_nul(arg, f"args[{i}]") for i, arg in enumerate(args))
 
-    limits: dict[str, int | None] = {}
-    for name in LIMIT_FIELDS:
-        value = body.get(name)
-        if value is None:
-            limits[name] = None
-            continue
-        if not _is_number(value):
-            raise InvalidRequest(f"If specified, {name} must be a number")
-        if isinstance(value, float):
-            if not value.is_integer():
-                raise InvalidRequest(f"If specified, {name} must be a whole number")
-            value = int(value)
-        if not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
-            raise InvalidRequest(
-                f"If specified, {name} must be at most {MAX_SAFE_INTEGER} (2^53 - 1)"
-            )
-        limits[name] = int(value)
 
+def _parse_limit(name: str, value: object) -> int | None:
+    if value is None:
+        return None
+    if not _is_number(value):
+        raise InvalidRequest(f"If specified, {name} must be a number")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise InvalidRequest(f"If specified, {name} must be a whole number")
+        value = int(value)
+    if not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+        raise InvalidRequest(f"If specified, {name} must be at most {MAX_SAFE_INTEGER} (2^53 - 1)")
+    return int(value)
+
+
+def parse_execute(body: object, *, max_files: int | None = None) -> ExecuteRequest:
+    """Check an execute body the way Piston does, plus the checks Piston leaves to the job.
+
+    Field by field in Piston's order, so the first error is the one Piston names."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    language = _required_text(body, "language")
+    version = _required_text(body, "version")
+    files = _parse_files(body.get("files"), max_files)
+    stdin = _parse_stdin(body.get("stdin"))
+    args = _parse_args(body.get("args"))
+    limits = {name: _parse_limit(name, body.get(name)) for name in LIMIT_FIELDS}
     return ExecuteRequest(
         language=language,
         version=version,
         files=files,
         stdin=stdin,
-        args=tuple(args),
+        args=args,
         limits=limits,
     )
 
