@@ -24,6 +24,20 @@ def redis_server() -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    """A client of the suite's Redis, on a flushed database: the one Redis client fixture.
+
+    Generous timeouts: the tests using it count things, and 60 connections opened at once on a
+    loaded 2-core machine can take longer than the app's outage-detecting 0.5 s (the outage
+    behaviour has its own tests, on servers of their own, in test_limits_outage.py).
+    """
+    client = Redis.from_url(redis_server.url, socket_connect_timeout=5.0, socket_timeout=5.0)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
 @pytest.fixture(scope="session")
 def engine() -> Iterator[Service]:
     """The embedded engine as a real process: every execution in the suite runs real code."""

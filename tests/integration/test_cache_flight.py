@@ -77,13 +77,6 @@ class Store:
 
 
 @pytest.fixture
-async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 async def make_process(redis_server: RedisServer) -> AsyncIterator[MakeProcess]:
     """A gateway process's share of single-flight: its own Redis pool, its own SingleFlight."""
     made: list[tuple[Redis, SingleFlight]] = []

@@ -31,13 +31,6 @@ def _client(url: str) -> Redis:
 
 
 @pytest.fixture
-async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = _client(redis_server.url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 async def other_redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
     """A second, independent client: what a second gateway process would hold."""
     client = _client(redis_server.url)

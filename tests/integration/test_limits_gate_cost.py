@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,20 +15,12 @@ from app.limits import Gate, MemoryGate, RedisGate
 from app.limits.gate import Strategy
 from app.redis import CONCURRENCY
 from app.tenancy.models import Tenant
-from tests.support import RedisServer
 
 GateFactory = Callable[[Strategy], Gate]
 
 
 def tenant(**fields: Any) -> Tenant:
     return Tenant(id=f"t{uuid.uuid4().hex[:16]}", **fields)
-
-
-@pytest.fixture
-async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url, socket_connect_timeout=5.0, socket_timeout=5.0)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture(params=["memory", "redis"])

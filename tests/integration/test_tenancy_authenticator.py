@@ -20,7 +20,6 @@ from app.tenancy.models import ApiKey, Principal, Tenant, TenantCreate, TenantUp
 from app.tenancy.store import MemoryTenantStore, RedisTenantStore
 from tests.support import RedisServer, free_port
 
-_DB = 7
 ADMIN_KEY = "bootstrap-admin-secret"
 
 
@@ -34,14 +33,6 @@ class CountingStore(RedisTenantStore):
     async def key_by_hash(self, digest: str) -> ApiKey | None:
         self.lookups += 1
         return await super().key_by_hash(digest)
-
-
-@pytest.fixture
-async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url.rsplit("/", 1)[0] + f"/{_DB}")
-    await client.flushdb()
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture
@@ -180,7 +171,7 @@ class TestCache:
         """A second store on its own connection (as the CLI or another replica) revokes."""
         key, secret = await store.create_key("acme")
         assert await authenticator.principal_for(secret) is not None
-        other = Redis.from_url(redis_server.url.rsplit("/", 1)[0] + f"/{_DB}")
+        other = Redis.from_url(redis_server.url)
         try:
             await RedisTenantStore(other).revoke_key(key.id)
         finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -14,22 +13,6 @@ from app.errors import Conflict, NotFound
 from app.tenancy.keys import hash_key
 from app.tenancy.models import TenantCreate, TenantUpdate
 from app.tenancy.store import MemoryTenantStore, RedisTenantStore, TenantStore, create_store
-from tests.support import RedisServer
-
-# A database of its own, flushed per test, so listing is exact and no other test is disturbed.
-_DB = 7
-
-
-def _db_url(server: RedisServer, db: int = _DB) -> str:
-    return server.url.rsplit("/", 1)[0] + f"/{db}"
-
-
-@pytest.fixture
-async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(_db_url(redis_server))
-    await client.flushdb()
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture(params=["redis", "memory"])
