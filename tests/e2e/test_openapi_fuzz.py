@@ -164,11 +164,5 @@ def test_no_5xx_and_every_error_is_a_message(
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11 finding 6, in app/api/admin.py (another helper's): PATCH "
-    "/admin/tenants/{id} parses its body before the key, so malformed JSON gets 400 with no key "
-    "and with an execute key. Remove this mark once that fix is merged (strict: it fails then).",
-)
 def test_the_key_is_checked_before_anything_else(findings: Findings) -> None:
     assert findings.auth_items == [], "\n".join(findings.auth_items[:50])
