@@ -197,10 +197,12 @@ class _Connection(asyncio.Protocol):
         if not self._pending:
             return
         now = self._loop.time()
-        stuck_at = self._pending[0][1] + self._client.timeout
+        _, head_queued, head_deadline, _ = self._pending[0]
+        stuck_at = max(head_queued + self._client.timeout, head_deadline)
         if stuck_at <= now:
-            # The oldest reply is later than the client's read timeout: nothing queued behind it
-            # can arrive first, so the connection is stuck (a hung Redis). Fail all, reconnect.
+            # The oldest reply is past its own bound and the client's read timeout: nothing
+            # queued behind it can arrive first, so the connection is stuck (a hung Redis), not
+            # one impatient caller. Fail all, and connect again on the next call.
             self._drop(RedisTimeoutError("Timeout reading from Redis"))
             return
         soonest = stuck_at
@@ -348,7 +350,14 @@ class PipelinedRedis:
             # Retrieved here too: if every caller gave up, nobody else reads its error.
             self._connecting.add_done_callback(_consume)
         # Shielded: one caller giving up must not cancel the connect the others wait for.
-        return await asyncio.shield(self._connecting)
+        try:
+            return await asyncio.shield(self._connecting)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and task is not None and not task.cancelling():
+                # aclose() cancelled the connect, not this caller's own task being cancelled.
+                raise ConnectionError("Redis client closed") from None
+            raise
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -414,8 +423,10 @@ class PipelinedRedis:
     async def aclose(self) -> None:
         """Fail whatever is pending and close the connection; later calls raise."""
         self._closed = True
-        if self._connecting is not None:
-            self._connecting.cancel()
+        connecting = self._connecting
+        if connecting is not None:
+            connecting.cancel()
+            await asyncio.wait([connecting])
         if self._conn is not None:
             self._conn.close()
             self._conn = None

@@ -1,0 +1,237 @@
+"""app.redis_pipeline against real redis-servers: order, scripts, errors, outages, recovery.
+
+The outage tests start a redis-server of their own on a free port, so they can SIGSTOP and
+SIGKILL it without touching the suite's shared one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis
+import redis.exceptions as rex
+
+from app.limits.redis_gate import ADMIT_SCRIPT
+from app.redis_pipeline import PipelinedRedis
+from tests.support import RedisServer
+
+# A test's own guard: far beyond any bound under test, so a hang fails the test, not the suite.
+GUARD_S = 10
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    if server.proc is not None:
+        os.kill(server.proc.pid, signal.SIGCONT)  # a stopped server cannot act on SIGTERM
+    server.stop()
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer) -> AsyncIterator[PipelinedRedis]:
+    c = PipelinedRedis(redis_server.url, client_name="pgw-test-pipeline")
+    yield c
+    await c.aclose()
+
+
+def sync(server: RedisServer, db: int = 0) -> redis.Redis:
+    return redis.Redis(host="127.0.0.1", port=server.port, db=db)
+
+
+async def test_200_concurrent_callers_each_get_their_own_reply(
+    client: PipelinedRedis, redis_server: RedisServer
+) -> None:
+    prefix = "pgw-test:pipeline:order:"
+    await asyncio.gather(*(client.execute("SET", f"{prefix}{i}", f"value-{i}") for i in range(200)))
+
+    async def caller(i: int) -> tuple[object, object, object]:
+        echo = client.execute("ECHO", f"echo-{i}")
+        get = client.execute("GET", f"{prefix}{i}")
+        incr = client.execute("INCRBY", f"{prefix}n", i)
+        return await echo, await get, await incr
+
+    replies = await asyncio.gather(*(caller(i) for i in range(200)))
+    for i, (echo, get, incr) in enumerate(replies):
+        assert echo == f"echo-{i}".encode()
+        assert get == f"value-{i}".encode()
+        assert isinstance(incr, int)
+    assert sync(redis_server).get(f"{prefix}n") == str(sum(range(200))).encode()
+    # Every INCRBY's reply is the running total at its turn: all different.
+    assert len({incr for _, _, incr in replies}) == 200
+
+
+async def test_script_runs_after_noscript_by_loading_it(
+    client: PipelinedRedis, redis_server: RedisServer
+) -> None:
+    script = client.register_script("return {KEYS[1], ARGV[1], 7}")
+    sync(redis_server).script_flush()
+    # A Redis that never saw the script: the first calls, concurrent, all hit NOSCRIPT.
+    replies = await asyncio.gather(*(script(keys=[f"k{i}"], args=[i]) for i in range(20)))
+    assert replies == [[f"k{i}".encode(), str(i).encode(), 7] for i in range(20)]
+    assert sync(redis_server).script_exists(script.sha) == [True]
+    sync(redis_server).script_flush()  # a restarted or flushed Redis, once more
+    assert await script(keys=["again"], args=["x"]) == [b"again", b"x", 7]
+
+
+async def test_the_real_admit_script_counts_a_hit(
+    client: PipelinedRedis, redis_server: RedisServer
+) -> None:
+    sync(redis_server).set("pgw-test:pipeline:cache", b'{"run":{}}')
+    admit = client.register_script(ADMIT_SCRIPT)
+    keys = ["pgw-test:pipeline:cache", "q", "c", "pgw-test:pipeline:usage", "w"]
+    args = [1, 0, 0, 60, 0, "token", 1000, 60, 100, 60]
+    reply = await admit(keys=keys, args=args)
+    assert reply[0] == 0  # admitted
+    assert reply[1] == b'{"run":{}}'  # the cached answer
+    assert reply[5] == 1  # the window counted it
+    assert sync(redis_server).hget("pgw-test:pipeline:usage", "cache_hits") == b"1"
+
+
+async def test_an_error_reply_fails_only_its_own_call(client: PipelinedRedis) -> None:
+    await client.execute("SET", "pgw-test:pipeline:str", "x")
+    failing = client.register_script("return redis.call('NOPE')")
+    replies = await asyncio.gather(
+        client.execute("ECHO", "before"),
+        client.execute("NOSUCHCOMMAND", "x"),
+        client.execute("LPUSH", "pgw-test:pipeline:str", "y"),
+        failing(),
+        client.execute("ECHO", "after"),
+        return_exceptions=True,
+    )
+    assert replies[0] == b"before"
+    assert isinstance(replies[1], rex.ResponseError)
+    assert "unknown command" in str(replies[1])
+    assert isinstance(replies[2], rex.ResponseError)
+    assert str(replies[2]).startswith("WRONGTYPE")
+    assert isinstance(replies[3], rex.ResponseError)
+    assert not isinstance(replies[3], rex.NoScriptError)
+    assert replies[4] == b"after"
+
+
+async def test_auth_and_db_come_from_the_url(own_redis: RedisServer) -> None:
+    sync(own_redis).config_set("requirepass", "s3cret")
+    good = PipelinedRedis(f"redis://:s3cret@127.0.0.1:{own_redis.port}/2")
+    try:
+        assert await good.execute("SET", "pgw-test:pipeline:db", "two") == b"OK"
+    finally:
+        await good.aclose()
+    assert (
+        redis.Redis(port=own_redis.port, password="s3cret", db=2).get("pgw-test:pipeline:db")
+        == b"two"
+    )
+    bad = PipelinedRedis(f"redis://:wrong@127.0.0.1:{own_redis.port}/0")
+    try:
+        with pytest.raises(rex.AuthenticationError):
+            await bad.execute("PING")
+    finally:
+        await bad.aclose()
+    anonymous = PipelinedRedis(f"redis://127.0.0.1:{own_redis.port}/0")
+    try:
+        with pytest.raises(rex.ResponseError, match="NOAUTH"):
+            await anonymous.execute("PING")
+    finally:
+        await anonymous.aclose()
+
+
+async def test_killed_redis_fails_pending_calls_then_the_same_client_recovers(
+    own_redis: RedisServer,
+) -> None:
+    # A call bound far above the guard: only the connection loss can end these calls in time.
+    c = PipelinedRedis(own_redis.url, timeout=60)
+    try:
+        assert await c.execute("PING") == b"PONG"
+        assert own_redis.proc is not None
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        calls = [asyncio.ensure_future(c.execute("ECHO", i)) for i in range(50)]
+        await asyncio.sleep(0)  # queued and written to a Redis that cannot answer
+        assert not any(call.done() for call in calls)
+        os.kill(own_redis.proc.pid, signal.SIGKILL)
+        own_redis.proc.wait()
+        own_redis.proc = None
+        async with asyncio.timeout(GUARD_S):
+            results = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(r, rex.ConnectionError) for r in results), results
+        # Down: a call fails at once with ConnectionError, it does not hang.
+        async with asyncio.timeout(GUARD_S):
+            with pytest.raises(rex.ConnectionError):
+                await c.execute("PING")
+        own_redis.start()  # the same port
+        async with asyncio.timeout(GUARD_S):
+            replies = await asyncio.gather(*(c.execute("ECHO", i) for i in range(50)))
+        assert replies == [str(i).encode() for i in range(50)]
+    finally:
+        await c.aclose()
+
+
+async def test_hung_redis_fails_calls_by_their_bound_then_recovers(
+    own_redis: RedisServer,
+) -> None:
+    c = PipelinedRedis(own_redis.url, timeout=0.3)
+    script = c.register_script("return ARGV[1]")
+    try:
+        assert await script(args=["up"]) == b"up"
+        assert own_redis.proc is not None
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        async with asyncio.timeout(GUARD_S):
+            results = await asyncio.gather(
+                *(script(args=[i]) for i in range(20)),
+                c.execute("PING", timeout=0.1),
+                return_exceptions=True,
+            )
+        assert all(isinstance(r, rex.TimeoutError) for r in results), results
+        # A client that connects while Redis hangs (its handshake selects a db) fails in time too.
+        fresh = PipelinedRedis(own_redis.url.removesuffix("/0") + "/1", timeout=0.3)
+        try:
+            async with asyncio.timeout(GUARD_S):
+                with pytest.raises(rex.TimeoutError):
+                    await fresh.execute("PING")
+        finally:
+            await fresh.aclose()
+        os.kill(own_redis.proc.pid, signal.SIGCONT)
+        async with asyncio.timeout(GUARD_S):
+            assert await script(args=["back"]) == b"back"
+    finally:
+        await c.aclose()
+
+
+async def test_a_short_call_bound_does_not_drop_the_connection_for_others(
+    client: PipelinedRedis,
+) -> None:
+    slow = client.register_script(
+        "local t = redis.call('TIME') local start = t[1] * 1000000 + t[2] "
+        "repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] - start > 300000 "
+        "return 1"
+    )
+    assert await slow() == 1  # connected and the script loaded: what follows is queued at once
+    # An impatient caller at the head (its reply is still being computed) and one behind it.
+    busy = slow(timeout=0.05)
+    ping = client.execute("PING")
+    impatient = client.execute("ECHO", "late", timeout=0.05)
+    patient = client.execute("ECHO", "in time")
+    with pytest.raises(rex.TimeoutError):
+        await busy
+    with pytest.raises(rex.TimeoutError):
+        await impatient
+    # Redis was answering all along: the connection stays, and the others get their replies.
+    assert await ping == b"PONG"
+    assert await patient == b"in time"
+
+
+async def test_close_fails_pending_and_later_calls(own_redis: RedisServer) -> None:
+    c = PipelinedRedis(own_redis.url)
+    assert await c.execute("PING") == b"PONG"
+    assert own_redis.proc is not None
+    os.kill(own_redis.proc.pid, signal.SIGSTOP)
+    pending = asyncio.ensure_future(c.execute("PING"))
+    await asyncio.sleep(0)
+    await c.aclose()
+    with pytest.raises(rex.ConnectionError):
+        await pending
+    with pytest.raises(rex.ConnectionError):
+        await c.execute("PING")
