@@ -245,8 +245,9 @@ def _consume(task: asyncio.Task[_Connection]) -> None:
 class PipelinedRedis:
     """One pipelined connection to Redis per event loop, reconnected on the call after a loss.
 
-    `url`: redis://[[user]:password@]host[:port][/db], rediss://... (TLS, `ssl_cert_reqs=none`
-    to skip verification), or unix:///path?db=N. `timeout` bounds each call (connect included)
+    `url`: redis://[[user]:password@]host[:port][/db], rediss://... (TLS, verified against the
+    system's CAs or `ssl_ca_certs=<file>`; `ssl_cert_reqs=none` skips verification), or
+    unix:///path?db=N. `timeout` bounds each call (connect included)
     unless the call gives its own; `connect_timeout` bounds a connect and its handshake.
     """
 
@@ -285,7 +286,7 @@ class PipelinedRedis:
             path = parts.path.lstrip("/")
             self._db = int(path) if path else int(query.get("db", "0"))
             if parts.scheme == "rediss":
-                self._ssl = ssl.create_default_context()
+                self._ssl = ssl.create_default_context(cafile=query.get("ssl_ca_certs"))
                 if query.get("ssl_cert_reqs", "required") == "none":
                     self._ssl.check_hostname = False
                     self._ssl.verify_mode = ssl.CERT_NONE

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
+import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -17,7 +21,7 @@ import redis.exceptions as rex
 
 from app.limits.redis_gate import ADMIT_SCRIPT
 from app.redis_pipeline import PipelinedRedis
-from tests.support import RedisServer
+from tests.support import RedisServer, free_port, wait_for_port
 
 # A test's own guard: far beyond any bound under test, so a hang fails the test, not the suite.
 GUARD_S = 10
@@ -235,3 +239,86 @@ async def test_close_fails_pending_and_later_calls(own_redis: RedisServer) -> No
         await pending
     with pytest.raises(rex.ConnectionError):
         await c.execute("PING")
+
+
+def _redis_process(*args: str) -> subprocess.Popen[bytes]:
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    argv = [binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *args]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A redis-server speaking TLS only, with a self-signed certificate for 127.0.0.1."""
+    cert, key = tmp_path / "redis.crt", tmp_path / "redis.key"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"),
+            *("-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    proc = _redis_process(
+        *("--port", "0", "--tls-port", str(port), "--dir", str(tmp_path)),
+        *("--tls-cert-file", str(cert), "--tls-key-file", str(key)),
+        *("--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"),
+    )
+    try:
+        wait_for_port(port, proc=proc)
+        yield port, cert
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+async def test_rediss_verifies_the_server_certificate(tls_redis: tuple[int, Path]) -> None:
+    port, cert = tls_redis
+    trusted = PipelinedRedis(f"rediss://127.0.0.1:{port}/1?ssl_ca_certs={cert}")
+    try:
+        assert await trusted.execute("SET", "pgw-test:pipeline:tls", "yes") == b"OK"
+        assert await trusted.execute("GET", "pgw-test:pipeline:tls") == b"yes"
+    finally:
+        await trusted.aclose()
+    # A certificate nobody vouches for is refused, as a connection error.
+    untrusted = PipelinedRedis(f"rediss://127.0.0.1:{port}/0")
+    try:
+        with pytest.raises(rex.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+            await untrusted.execute("PING")
+    finally:
+        await untrusted.aclose()
+    unverified = PipelinedRedis(f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=none")
+    try:
+        assert await unverified.execute("PING") == b"PONG"
+    finally:
+        await unverified.aclose()
+
+
+@pytest.fixture
+def unix_redis(tmp_path: Path) -> Iterator[Path]:
+    """A redis-server on a unix socket only."""
+    path = tmp_path / "redis.sock"
+    proc = _redis_process("--port", "0", "--unixsocket", str(path), "--dir", str(tmp_path))
+    try:
+        deadline = time.monotonic() + GUARD_S
+        while not path.exists():  # the socket file appears once Redis listens
+            assert proc.poll() is None, "redis-server exited"
+            assert time.monotonic() < deadline, "redis-server did not listen"
+            time.sleep(0.02)
+        yield path
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+async def test_unix_socket_with_a_db(unix_redis: Path) -> None:
+    c = PipelinedRedis(f"unix://{unix_redis}?db=3")
+    try:
+        assert await c.execute("SET", "pgw-test:pipeline:unix", "three") == b"OK"
+        info = (await c.execute("CLIENT", "INFO")).decode()
+        assert " db=3 " in info
+    finally:
+        await c.aclose()
