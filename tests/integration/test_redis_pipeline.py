@@ -14,13 +14,16 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import redis
 import redis.exceptions as rex
 
-from app.limits.redis_gate import ADMIT_SCRIPT
+from app.errors import ServiceUnavailable, TooManyRequests
+from app.limits.redis_gate import ADMIT_SCRIPT, RedisGate
 from app.redis_pipeline import PipelinedRedis
+from app.tenancy.models import Tenant
 from tests.support import RedisServer, free_port, wait_for_port
 
 # A test's own guard: far beyond any bound under test, so a hang fails the test, not the suite.
@@ -320,5 +323,38 @@ async def test_unix_socket_with_a_db(unix_redis: Path) -> None:
         assert await c.execute("SET", "pgw-test:pipeline:unix", "three") == b"OK"
         info = (await c.execute("CLIENT", "INFO")).decode()
         assert " db=3 " in info
+    finally:
+        await c.aclose()
+
+
+async def test_the_gate_runs_on_it_unchanged_and_an_outage_is_a_503(own_redis: RedisServer) -> None:
+    """RedisGate's admit/finish, given this client instead of redis-py's, with no code change."""
+    c = PipelinedRedis(own_redis.url, timeout=0.5)
+    gate = RedisGate(cast(Any, c), default_rate_limit="2/minute", deadline_s=1.0)
+    tenant = Tenant(id="acme", max_concurrency=1, daily_quota=10)
+    try:
+        first = await gate.admit(tenant, cache_key=None)
+        assert first.lease is not None
+        assert first.headers["X-RateLimit-Remaining"] == "1"
+        with pytest.raises(TooManyRequests) as busy:  # the one slot is held
+            await gate.admit(tenant, cache_key=None)
+        assert "concurrency" in busy.value.message
+        await gate.finish(first, error=False, cpu_time_ms=5, wall_time_ms=9)
+        second = await gate.admit(tenant, cache_key=None)  # the slot is back
+        await gate.finish(second, error=False, cpu_time_ms=5, wall_time_ms=9)
+        with pytest.raises(TooManyRequests) as limited:  # 2 admitted; the refused one took nothing
+            await gate.admit(tenant, cache_key=None)
+        assert limited.value.headers["Retry-After"]
+        usage = sync(own_redis).hgetall(f"pgw:usage:acme:{first.day}")
+        assert usage[b"executions"] == b"2"
+        assert float(usage[b"cpu_time_ms"]) == 10
+
+        assert own_redis.proc is not None
+        own_redis.proc.kill()
+        own_redis.proc.wait()
+        own_redis.proc = None
+        async with asyncio.timeout(GUARD_S):
+            with pytest.raises(ServiceUnavailable, match="Redis unreachable"):
+                await gate.admit(tenant, cache_key=None)
     finally:
         await c.aclose()
