@@ -44,8 +44,7 @@ __all__ = ["PipelinedRedis", "Script"]
 
 Arg: TypeAlias = bytes | str | int | float
 # A pending call: its future (None: a reply nobody waits for), when it was queued and its deadline
-# (loop time), and for EVALSHA the script and its keys/args, so NOSCRIPT can load the script and
-# run the call again.
+# (loop time), and for EVALSHA the script and its keys/args, so on NOSCRIPT it can run as EVAL.
 _Entry: TypeAlias = tuple["asyncio.Future[Any] | None", float, float, "_ScriptCall | None"]
 _ScriptCall: TypeAlias = tuple["Script", Sequence[Arg], Sequence[Arg]]
 
@@ -131,8 +130,9 @@ class _Connection(asyncio.Protocol):
             if type(reply) is ResponseError:
                 error = _error(reply)
                 if call is not None and type(error) is NoScriptError:
-                    # A restarted or flushed Redis: load the script and run this call again,
-                    # on the same connection, so it still answers in order.
+                    # A restarted or flushed Redis: run this call again as EVAL, which also
+                    # loads the script for the EVALSHAs after it (a compile error, if any, is
+                    # then this call's own reply).
                     self._retry_script(fut, call)
                 elif fut is not None and not fut.done():
                     fut.set_exception(error)
@@ -175,10 +175,8 @@ class _Connection(asyncio.Protocol):
 
     def _retry_script(self, fut: asyncio.Future[Any] | None, call: _ScriptCall) -> None:
         script, keys, args = call
-        timeout = self._client.timeout
-        self.queue(_pack(("SCRIPT", "LOAD", script.source)), None, timeout)
-        # No script call attached this time: a second NOSCRIPT is the caller's error.
-        self.queue(_pack(("EVALSHA", script.sha, len(keys), *keys, *args)), fut, timeout)
+        packed = _pack(("EVAL", script.source, len(keys), *keys, *args))
+        self.queue(packed, fut, self._client.timeout)
 
     # -- deadlines -----------------------------------------------------------------------------
 
@@ -247,8 +245,10 @@ class PipelinedRedis:
 
     `url`: redis://[[user]:password@]host[:port][/db], rediss://... (TLS, verified against the
     system's CAs or `ssl_ca_certs=<file>`; `ssl_cert_reqs=none` skips verification), or
-    unix:///path?db=N. `timeout` bounds each call (connect included)
-    unless the call gives its own; `connect_timeout` bounds a connect and its handshake.
+    unix:///path?db=N. `timeout` bounds each call (connect included) unless the call gives its
+    own, and is the connection's read timeout; `connect_timeout` bounds a connect and its
+    handshake. On a live connection calls go out in the order they are made; while (re)connecting,
+    in the order they are awaited.
     """
 
     def __init__(

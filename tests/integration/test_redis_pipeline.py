@@ -103,11 +103,13 @@ async def test_the_real_admit_script_counts_a_hit(
 async def test_an_error_reply_fails_only_its_own_call(client: PipelinedRedis) -> None:
     await client.execute("SET", "pgw-test:pipeline:str", "x")
     failing = client.register_script("return redis.call('NOPE')")
+    broken = client.register_script("return (")
     replies = await asyncio.gather(
         client.execute("ECHO", "before"),
         client.execute("NOSUCHCOMMAND", "x"),
         client.execute("LPUSH", "pgw-test:pipeline:str", "y"),
         failing(),
+        broken(),
         client.execute("ECHO", "after"),
         return_exceptions=True,
     )
@@ -118,7 +120,11 @@ async def test_an_error_reply_fails_only_its_own_call(client: PipelinedRedis) ->
     assert str(replies[2]).startswith("WRONGTYPE")
     assert isinstance(replies[3], rex.ResponseError)
     assert not isinstance(replies[3], rex.NoScriptError)
-    assert replies[4] == b"after"
+    # A script that does not compile: its own error, not a NOSCRIPT from the fallback.
+    assert isinstance(replies[4], rex.ResponseError)
+    assert not isinstance(replies[4], rex.NoScriptError)
+    assert "compiling" in str(replies[4])
+    assert replies[5] == b"after"
 
 
 async def test_auth_and_db_come_from_the_url(own_redis: RedisServer) -> None:
