@@ -1,4 +1,5 @@
-# One entry point for every routine. `make run` and `make test` set up what they need first.
+# One entry point for every routine. `make run` and `make test` set up what they need first: the
+# system packages (scripts/setup-system.sh), uv, and the virtualenv from uv.lock.
 SHELL := /bin/bash
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := .venv
@@ -8,7 +9,12 @@ export UV_COMPILE_BYTECODE := 1
 PY := .venv/bin/python
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 
-.PHONY: setup run test lint bench clean
+.PHONY: system-deps setup run test lint bench clean
+
+# What the machine lacks (bubblewrap, redis-server, compilers, wrk, ...): installed with apt-get
+# as root, else the exact command to run is printed. Quick when everything is there.
+system-deps:
+	@bash scripts/setup-system.sh
 
 .venv/.synced: pyproject.toml uv.lock
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==0.13.9" \
@@ -17,7 +23,7 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 	@$(PY) -m compileall -q app bench tests >/dev/null
 	@touch $@
 
-setup: .venv/.synced
+setup: system-deps .venv/.synced
 
 run: setup
 	.venv/bin/piston-gateway dev

@@ -38,10 +38,15 @@ def serve(
     ),
 ) -> None:
     """Run the gateway (uvicorn). Settings come from GATEWAY_* variables or .env."""
+    import shutil
+    import tempfile
+
     import uvicorn
     from pydantic import ValidationError
 
     from app.logging import configure_logging
+    from app.metrics import MULTIPROC_DIR_VARIABLE
+    from app.server import uvicorn_options
     from app.settings import Settings
 
     try:
@@ -50,17 +55,29 @@ def serve(
         raise _fail(f"invalid settings:\n{exc}") from None
     configure_logging(settings.log_level)
     os.environ["PGW_JSON_LOGS"] = "1"  # worker processes configure the same JSON logs
-    uvicorn.run(
-        "app.main:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        proxy_headers=False,  # X-Forwarded-For is trusted only per GATEWAY_TRUSTED_PROXIES
-    )
+    processes = workers or int(os.environ.get("WEB_CONCURRENCY") or 1)
+    metrics_dir = None
+    if processes > 1 and not os.environ.get(MULTIPROC_DIR_VARIABLE):
+        # Each worker writes its metrics here and a scrape sums them (app/metrics.py); the
+        # directory is this run's own, made empty and removed when serve stops.
+        metrics_dir = tempfile.mkdtemp(prefix="pgw-metrics-")
+        os.environ[MULTIPROC_DIR_VARIABLE] = metrics_dir
+    try:
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            proxy_headers=False,  # X-Forwarded-For is trusted only per GATEWAY_TRUSTED_PROXIES
+            **uvicorn_options(settings),
+        )
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @app.command()
@@ -153,6 +170,56 @@ def dev(
         gateway = create_app(settings)
         gateway.state.on_started = [print_dev_banner(f"http://{host}:{port}")]
         uvicorn.run(gateway, host=host, port=port, log_config=None, access_log=False)
+
+
+@app.command()
+def bootstrap(
+    runtimes: str | None = typer.Option(
+        None,
+        help="LANGUAGE=VERSION,... to install (default: $GATEWAY_BOOTSTRAP_RUNTIMES,"
+        " itself python=3.10.0,scala=3.0.0).",
+    ),
+    wait: float = typer.Option(
+        300, min=0, help="Seconds to wait for every upstream to answer /api/v2/runtimes."
+    ),
+    progress_every: float = typer.Option(
+        10, min=0.1, help="Seconds between progress lines while waiting or installing."
+    ),
+) -> None:
+    """Install runtimes on every upstream in GATEWAY_PISTON_URLS (only what is missing)."""
+    import asyncio
+
+    from pydantic import ValidationError
+
+    from app.bootstrap import bootstrap as run_bootstrap
+    from app.bootstrap import parse_runtimes
+    from app.settings import Settings
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"GATEWAY_{'.'.join(str(p) for p in error['loc']).upper()}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise _fail(f"invalid settings: {problems}") from None
+    try:
+        wanted = parse_runtimes(runtimes if runtimes is not None else settings.bootstrap_runtimes)
+    except ValueError as exc:
+        raise _fail(f"--runtimes: {exc}") from None
+
+    def echo(line: str) -> None:
+        typer.echo(line)
+
+    urls = [str(url) for url in settings.piston_urls]
+    names = ", ".join(str(r) for r in wanted)
+    echo(
+        f"bootstrap: {names} on {', '.join(u.rstrip('/') for u in urls)} (waiting up to {wait:g} s)"
+    )
+    if not asyncio.run(
+        run_bootstrap(urls, wanted, wait=wait, echo=echo, progress_every=progress_every)
+    ):
+        raise typer.Exit(code=1)
 
 
 def _register_admin_commands() -> None:

@@ -1,24 +1,32 @@
 """HTTP plumbing shared by the routers: bounded JSON bodies, raw JSON answers, request context.
 
 The middleware is plain ASGI (not BaseHTTPMiddleware) so it adds no task or buffering per request.
+It also bounds every request body, for every route, as the route reads it: a declared
+Content-Length past `GATEWAY_MAX_BODY_BYTES` is refused before the app runs (nothing is read);
+otherwise bytes are counted as the app receives them (so nothing is read before a route's own key
+check) and the body must arrive whole within `GATEWAY_BODY_TIMEOUT_SECONDS`. Both refusals close
+the connection: the rest of the body is not worth reading.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from typing import Any
 
 import orjson
 import structlog
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from app.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, error_response
 from app.metrics import Metrics
 
 __all__ = [
+    "BodyRefused",
     "RequestContextMiddleware",
     "UnexpectedErrorMiddleware",
     "json_response",
@@ -41,8 +49,8 @@ def json_response(
 
 async def read_json_body(request: Request, max_bytes: int) -> Any:
     """The JSON body, refused early: 415 if not JSON, 413 past `max_bytes`, 400 if unparseable."""
-    content_type = request.headers.get("content-type", "")
-    if not content_type.startswith("application/json"):
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":  # parameters (`; charset=utf-8`) allowed, no prefix
         raise UnsupportedMediaType()
     too_large = PayloadTooLarge(f"request body is larger than the limit of {max_bytes} bytes")
     declared = request.headers.get("content-length")
@@ -65,43 +73,109 @@ async def read_json_body(request: Request, max_bytes: int) -> Any:
 _REQUEST_ID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 
 
-def _request_id(scope: Scope) -> str:
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            candidate: str = value.decode("latin-1")
-            # Echo a caller's id only if it is short and plain, so it cannot forge log lines.
-            if 0 < len(candidate) <= 128 and set(candidate) <= _REQUEST_ID_OK:
-                return candidate
-            break
+def _request_id(candidate: bytes | None) -> str:
+    if candidate is not None:
+        text = candidate.decode("latin-1")
+        # Echo a caller's id only if it is short and plain, so it cannot forge log lines.
+        if 0 < len(text) <= 128 and set(text) <= _REQUEST_ID_OK:
+            return text
     return secrets.token_hex(16)
 
 
-class RequestContextMiddleware:
-    """X-Request-ID on every answer and log line, one access log line, pgw_requests_total."""
+class BodyRefused(HTTPException):
+    """A body past the byte cap or the deadline, raised from `receive` inside whatever route reads
+    it. A Starlette HTTPException, so that FastAPI's own body parsing passes it on unchanged (it
+    turns any other exception into a 400), and the error handler renders it `{"message"}`."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(status_code, detail=message, headers={"Connection": "close"})
+
+
+_CLIENT_CLOSED = 499  # nginx's number for a client that went away before its answer
+
+
+class RequestContextMiddleware:
+    """X-Request-ID on every answer and log line, one access log line, pgw_requests_total, and
+    the byte cap and deadline on every request body."""
+
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, *, max_body_bytes: int, body_timeout: float
+    ) -> None:
         self.app = app
         self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
+        self.too_large = f"request body is larger than the limit of {max_body_bytes} bytes"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        kind = scope["type"]
+        if kind != "http":
+            if kind == "websocket":  # uvicorn's own lines for the socket carry the id too
+                ws_id = next((v for n, v in scope["headers"] if n == b"x-request-id"), None)
+                structlog.contextvars.bind_contextvars(request_id=_request_id(ws_id))
+                try:
+                    await self.app(scope, receive, send)
+                finally:
+                    structlog.contextvars.unbind_contextvars("request_id")
+                return
             await self.app(scope, receive, send)
             return
-        request_id = _request_id(scope)
+        id_header: bytes | None = None
+        declared: bytes | None = None
+        chunked = False
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                id_header = value
+            elif name == b"content-length":
+                declared = value
+            elif name == b"transfer-encoding":
+                chunked = True
+        request_id = _request_id(id_header)
         encoded_id = request_id.encode()
         status = 500
+        response_started = False
         started = time.perf_counter()
         structlog.contextvars.bind_contextvars(request_id=request_id)
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status = message["status"]
+                response_started = True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", encoded_id)]
             await send(message)
 
+        received = 0
+        body_done = not chunked and (declared is None or declared == b"0")
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
+
+        async def bounded_receive() -> Message:
+            nonlocal received, body_done
+            if body_done:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyRefused(
+                    408, f"the request body did not arrive within {self.body_timeout:g} s"
+                ) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyRefused(413, self.too_large)
+                body_done = not message.get("more_body", False)
+            return message
+
         try:
-            await self.app(scope, receive, send_with_id)
+            if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+                refusal = error_response(413, self.too_large, {"Connection": "close"})
+                await refusal(scope, receive, send_with_id)
+            else:
+                await self.app(scope, bounded_receive, send_with_id)
+        except ClientDisconnect:
+            if not response_started:
+                status = _CLIENT_CLOSED  # nobody to answer; not an error of ours
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
@@ -141,6 +215,8 @@ class UnexpectedErrorMiddleware:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            raise  # the client went away mid-body: RequestContextMiddleware logs it, no traceback
         except Exception:
             log.exception("unhandled_error", path=scope["path"])  # the request id is still bound
             if started:

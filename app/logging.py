@@ -1,14 +1,45 @@
-"""Logs are one JSON object per line, ours and uvicorn's alike, each with its request id."""
+"""Logs are one JSON object per line, ours and uvicorn's alike, each with its request id.
+
+No line carries a key: every string in every line (uvicorn's, a library's, an exception's text
+included) has full keys cut to their public prefix and secret query parameters (`?api_key=`, as
+browsers send WebSocket keys) blanked, whatever logged them.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import orjson
 import structlog
 
-__all__ = ["configure_logging"]
+__all__ = ["configure_logging", "redact", "redact_secrets"]
+
+# A key is `pgw_` and 43 URL-safe characters; its first 12 characters are its public prefix.
+_KEY = re.compile(r"(pgw_[A-Za-z0-9_-]{8})[A-Za-z0-9_-]+")
+_SECRET_PARAM = re.compile(
+    r"([?&;](?:api[_-]?key|key|token|access_token|auth|authorization)=)[^&#\s\"']*", re.IGNORECASE
+)
+
+
+def redact(text: str) -> str:
+    if "pgw_" in text:
+        text = _KEY.sub(r"\1...", text)
+    if "=" in text:
+        text = _SECRET_PARAM.sub(r"\1[redacted]", text)
+    return text
+
+
+def redact_secrets(
+    logger: Any, method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for name, value in event_dict.items():
+        if isinstance(value, str):
+            event_dict[name] = redact(value)
+    return event_dict
 
 
 def _dumps(obj: object, default: object = None) -> str:
@@ -38,6 +69,7 @@ def configure_logging(level: str = "info") -> None:
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
+            redact_secrets,
             structlog.processors.JSONRenderer(serializer=_dumps),
         ],
     )
@@ -50,5 +82,6 @@ def configure_logging(level: str = "info") -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     # Our middleware writes one access line per request, with the request id; uvicorn's would
-    # be a second, id-less copy.
+    # be a second, id-less copy. (Its WebSocket lines come through "uvicorn.error", redacted.)
     logging.getLogger("uvicorn.access").disabled = True
+    logging.captureWarnings(True)  # a library's warning is a JSON line too, not bare stderr

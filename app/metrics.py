@@ -1,20 +1,50 @@
 """The gateway's Prometheus families (prefix `pgw_`), on a registry of the app's own.
 
 A registry per app (not the global default) lets tests build several apps in one process.
+
+Under `serve --workers N`, `serve` sets PROMETHEUS_MULTIPROC_DIR for the workers: prometheus_client
+then keeps every value in a file per worker, and a scrape of any worker reads all their files, so
+it reports the sum over the workers (Prometheus multiprocess mode).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+from collections.abc import Iterable
 
-__all__ = ["Metrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client.metrics_core import Metric
+
+__all__ = ["MULTIPROC_DIR_VARIABLE", "Metrics"]
+
+MULTIPROC_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class _MultiProcessRegistry(CollectorRegistry):
+    """Families register here as on any registry (their values go to this worker's files), and
+    a scrape reads the files of every worker, this one's included, instead of this process's."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(auto_describe=True)
+        self._files = multiprocess.MultiProcessCollector(None, path=path)  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterable[Metric]:
+        metrics: Iterable[Metric] = self._files.collect()  # type: ignore[no-untyped-call]
+        return metrics
+
 
 _DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class Metrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        # Set by `serve` before the workers start (prometheus_client reads it when imported).
+        self._multiproc_dir = os.environ.get(MULTIPROC_DIR_VARIABLE)
+        self.registry = (
+            _MultiProcessRegistry(self._multiproc_dir)
+            if self._multiproc_dir
+            else CollectorRegistry(auto_describe=True)
+        )
         self.requests = Counter(
             "pgw_requests_total",
             "HTTP requests answered",
@@ -47,6 +77,7 @@ class Metrics:
             "pgw_executions_in_flight",
             "Executions sent upstream and not yet answered",
             registry=self.registry,
+            multiprocess_mode="livesum",  # the sum over the workers alive now
         )
         self.tenant_executions = Counter(
             "pgw_tenant_executions_total",
@@ -63,6 +94,11 @@ class Metrics:
             for outcome in ("hit", "miss", "bypass")
         }
         self._request_counters: dict[tuple[str, int], Counter] = {}
+
+    def close(self) -> None:
+        """At a worker's shutdown: its live gauges stop counting in the others' scrapes."""
+        if self._multiproc_dir:
+            multiprocess.mark_process_dead(os.getpid(), self._multiproc_dir)  # type: ignore[no-untyped-call]
 
     def count_request(self, route: str, status: int) -> None:
         child = self._request_counters.get((route, status))

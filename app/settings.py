@@ -12,7 +12,7 @@ from limits import parse_many
 from pydantic import AnyHttpUrl, AnyUrl, Field, RedisDsn, SecretStr, UrlConstraints, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Settings", "StageCaps"]
+__all__ = ["RedisSentinelSettings", "Settings", "StageCaps", "sentinel_address"]
 
 NonNegative = Annotated[int, Field(ge=0)]
 Positive = Annotated[int, Field(gt=0)]
@@ -26,6 +26,15 @@ def _split_commas(value: object) -> object:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
+
+
+def sentinel_address(entry: str) -> tuple[str, int]:
+    """`host:port` (or `[v6]:port`) of one Redis Sentinel; ValueError otherwise."""
+    host, sep, port = entry.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{entry!r} is not host:port (e.g. sentinel-0:26379)")
+    return host, int(port)
 
 
 class StageCaps:
@@ -90,6 +99,11 @@ class Settings(BaseSettings):
     # HTTP surface.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Connections (uvicorn, app/server.py): idle keep-alive, the request head, the whole body.
+    keepalive_seconds: float = Field(default=5, gt=0, allow_inf_nan=False)
+    header_timeout_seconds: float = Field(default=10, gt=0, allow_inf_nan=False)
+    body_timeout_seconds: float = Field(default=30, gt=0, allow_inf_nan=False)
+    max_connections: Positive = 4096
 
     _split = field_validator(
         "piston_urls", "allowed_languages", "cors_origins", "trusted_proxies", mode="before"
@@ -120,3 +134,47 @@ class Settings(BaseSettings):
     # bounded at 2 s: at most 3 s keeps "unhealthy within 5 s" (interval + 2 s) true.
     health_check_seconds: float = Field(default=1.0, gt=0, le=3.0)
     discovery_seconds: float = Field(default=10.0, gt=0)
+
+    # batch runs
+    max_batch_cases: Positive = 50
+
+    # Production path (issue 14): `piston-gateway bootstrap` and Redis through Sentinel.
+    # The runtimes `bootstrap` installs on every upstream when --runtimes is not given.
+    bootstrap_runtimes: str = "python=3.10.0,scala=3.0.0"
+    # Redis Sentinel, for operators who run their own highly available Redis: `host:port,...` of
+    # the sentinels. When set, the gateway asks them for the current master of
+    # `redis_sentinel_master`; GATEWAY_REDIS_URL still gives the database, the master's password
+    # and TLS (rediss://), and its host and port are not used.
+    redis_sentinels: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    redis_sentinel_master: str = "mymaster"
+    redis_sentinel_password: SecretStr | None = None  # the sentinels' own `requirepass`, if any
+
+    _split_sentinels = field_validator("redis_sentinels", mode="before")(_split_commas)
+
+    @field_validator("bootstrap_runtimes")
+    @classmethod
+    def _valid_runtimes(cls, value: str) -> str:
+        from app.bootstrap import parse_runtimes
+
+        parse_runtimes(value)  # ValueError names the bad entry
+        return value
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _valid_sentinels(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            sentinel_address(entry)
+        return value
+
+
+class RedisSentinelSettings(BaseSettings):
+    """Only the Sentinel fields of Settings, from the same environment: open_redis reads them when
+    its caller passes none, without validating (and failing on) every other setting again."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_file=".env", extra="ignore")
+
+    redis_sentinels: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    redis_sentinel_master: str = "mymaster"
+    redis_sentinel_password: SecretStr | None = None
+
+    _split_sentinels = field_validator("redis_sentinels", mode="before")(_split_commas)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -127,15 +129,99 @@ class Service:
         self.proc = None
 
 
+# ---------------------------------------------------------------------------------------------
+# The log scan: every log of every process the e2e tests start (gateways, the engine, the CLI's
+# stderr) must be one JSON object per line and carry no key. `tests/e2e/conftest.py` runs it
+# after each test over the lines written since the last scan.
+
+# A key is `pgw_` + 43 characters; logs may show its 12-character prefix, never more of it.
+_KEY_LIKE = re.compile(r"pgw_[A-Za-z0-9_-]{9,}")
+
+
+@dataclass
+class LogScan:
+    """Logs to scan (path -> label, offset already scanned) and secrets that must not appear."""
+
+    logs: dict[Path, tuple[str, int]] = field(default_factory=dict)
+    texts: list[tuple[str, str]] = field(default_factory=list)  # captured stderr not yet scanned
+    secrets: set[str] = field(default_factory=set)
+
+    def watch(self, path: Path, label: str) -> None:
+        self.logs.setdefault(path, (label, 0))
+
+    def record(self, label: str, text: str) -> None:
+        """Captured stderr of a command (its user-facing `error: ...` lines are not JSON logs:
+        it is scanned for keys only)."""
+        self.texts.append((label, text))
+
+    def secret(self, value: str) -> None:
+        self.secrets.add(value)
+
+    def problems(self) -> list[str]:
+        """Each offending line since the last call, with where it came from and why."""
+        found: list[str] = []
+        for path, (label, offset) in list(self.logs.items()):
+            try:
+                with path.open("rb") as handle:
+                    handle.seek(offset)
+                    data = handle.read()
+            except FileNotFoundError:
+                continue
+            complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits
+            self.logs[path] = (label, offset + len(complete))
+            found += self._check(label, complete.decode(errors="replace"))
+        for label, text in self.texts:
+            found += self._check(label, text, json_lines=False)
+        self.texts.clear()
+        return found
+
+    def _check(self, label: str, text: str, *, json_lines: bool = True) -> list[str]:
+        found = []
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            leaked = [s for s in self.secrets if s in line] + _KEY_LIKE.findall(line)
+            if leaked:
+                found.append(f"{label}: a key in a log line: {line[:300]}")
+            if not json_lines:
+                continue
+            try:
+                parsed = json.loads(line)
+            except ValueError:
+                parsed = None
+            if not isinstance(parsed, dict):
+                found.append(f"{label}: not a JSON object: {line[:300]}")
+        return found
+
+
+LOG_SCAN = LogScan()
+
+
 def cli(*args: str) -> list[str]:
     """argv that runs the project's console script with the suite's interpreter."""
     return [sys.executable, "-m", "app", *args]
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run a `piston-gateway` command; its stderr goes to the log scan, a key it prints on
+    stdout (`keys create`) becomes a secret no log may show."""
+    result = subprocess.run(
+        cli(*args), env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    LOG_SCAN.record(f"cli {' '.join(args[:2])}", result.stderr)
+    for key in _KEY_LIKE.findall(result.stdout):
+        LOG_SCAN.secret(key)
+    return result
 
 
 def start_engine(port: int | None = None, env: dict[str, str] | None = None) -> Service:
     port = port or free_port()
     service = Service(cli("engine", "--port", str(port)), port, env=env or {})
     service.start(ready_path="/api/v2/runtimes")
+    assert service.log_path is not None
+    LOG_SCAN.watch(service.log_path, f"engine :{port}")
     return service
 
 
@@ -154,10 +240,13 @@ def start_gateway(
         settings["GATEWAY_REDIS_URL"] = redis_url
     if admin_key:
         settings["GATEWAY_ADMIN_KEY"] = admin_key
+        LOG_SCAN.secret(admin_key)
     service = Service(
         cli("serve", "--port", str(port), "--workers", str(workers)), port, env=settings
     )
     service.start(ready_path="/healthz")
+    assert service.log_path is not None
+    LOG_SCAN.watch(service.log_path, f"gateway :{port}")
     return service
 
 
@@ -181,4 +270,6 @@ def mint_key(gateway: Service, admin_key: str, tenant_id: str, **fields: object)
         f"{gateway.url}/admin/tenants/{tenant_id}/keys", headers=admin, json={}, timeout=10
     )
     minted.raise_for_status()
-    return str(minted.json()["key"])
+    key = str(minted.json()["key"])
+    LOG_SCAN.secret(key)
+    return key

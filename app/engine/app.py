@@ -17,6 +17,7 @@ from app.engine.jobs import Engine
 from app.errors import (
     BadRequest,
     NotImplementedByEngine,
+    PayloadTooLarge,
     UnsupportedMediaType,
     install_error_handlers,
     message_responses,
@@ -43,7 +44,15 @@ async def _json_body(request: Request) -> object:
     content_type = request.headers.get("content-type", "")
     if content_type.split(";", 1)[0].strip().lower() != "application/json":
         raise UnsupportedMediaType()
-    raw = await request.body()
+    limit = get_engine(request).settings.max_body_bytes
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:  # counted as it arrives: a body past the limit is never held whole
+            raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -124,7 +133,7 @@ def create_app(settings: EngineSettings | None = None, engine: Engine | None = N
     _route(app, "/api/v2/runtimes", list_runtimes, ["GET"])
     _route(app, "/api/v2/packages", list_packages, ["GET"])
     _route(app, "/api/v2/packages", change_packages, ["POST", "DELETE"], (415, 501))
-    _route(app, "/api/v2/execute", execute, ["POST"], (400, 415))
+    _route(app, "/api/v2/execute", execute, ["POST"], (400, 413, 415))
     _route(app, "/metrics", metrics, ["GET"])
     app.add_api_websocket_route("/api/v2/connect", connect)
     return app

@@ -46,7 +46,16 @@ class EngineSettings(BaseSettings):
     max_process_count: Positive = 64
     max_open_files: Positive = 2_048
     max_file_size: Positive = 10_000_000
-    tmpfs_size: Positive = 64 * 1024 * 1024  # each of /tmp, /var/tmp, /dev/shm in a job
+    tmpfs_size: Positive = 64 * 1024 * 1024  # each of /tmp, /var/tmp, /dev/shm of a probe stage
+    # All a job writes, across its folder, /tmp, /var/tmp and /dev/shm together, for both stages:
+    # bytes, and files and folders (inodes). Past either, writes fail with ENOSPC.
+    job_disk_limit: Positive = 256 * 1024 * 1024
+    job_file_limit: Positive = 16_384
+
+    # The largest execute body and WebSocket message the engine reads, and the stdin an interactive
+    # job may have waiting for its program (the gateway's GATEWAY_WS_MAX_PENDING_STDIN_BYTES).
+    max_body_bytes: Positive = 1024 * 1024
+    ws_max_pending_stdin_bytes: Positive = 1024 * 1024
 
     max_concurrent_jobs: Annotated[int, Field(gt=0, le=UID_BLOCK_SIZE)] = Field(
         default_factory=_default_concurrency

@@ -20,7 +20,7 @@ import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from app.engine.jobs import Engine, Job
-from app.engine.sandbox import LiveIO, StageResult
+from app.engine.sandbox import LiveIO, PendingStdin, StageResult
 from app.errors import BadRequest
 from app.piston.schemas import parse_execute
 
@@ -45,7 +45,10 @@ class _Connection:
     def __init__(self, websocket: WebSocket, engine: Engine) -> None:
         self.websocket = websocket
         self.engine = engine
-        self.live = LiveIO(output=self._output)
+        self.live = LiveIO(
+            output=self._output,
+            stdin=PendingStdin(engine.settings.ws_max_pending_stdin_bytes),
+        )
         self.closed = False
         self._send_lock = asyncio.Lock()
         self._decoders = {
@@ -184,8 +187,10 @@ class _Connection:
                 await self.close(4004, "Can only write to stdin")
             elif not isinstance(data, str):
                 await self.error("data is required as a string")
-            else:
-                self.live.stdin.put_nowait(data.encode("utf-8"))
+            elif not self.live.stdin.put(data.encode("utf-8")):
+                # The program is not reading its stdin as fast as it comes: the engine holds
+                # PISTON_WS_MAX_PENDING_STDIN_BYTES for it, not more (1009: message too big).
+                await self.close(1009, "Pending stdin over the limit")
         elif (number := _signal_number(message.get("signal"))) is None:
             await self.close(4005, "Invalid signal")
         else:

@@ -16,8 +16,10 @@ from typing import Any, Final, Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from app.engine.config import EngineSettings
+from app.engine.disk import mount_job_disk, unmount
 from app.engine.runtimes import SPECS, HostRuntime, find_tool, host_runtime, locate
 from app.engine.sandbox import (
+    SCRATCH_DIRS,
     LiveIO,
     SandboxUnavailable,
     StageLimits,
@@ -104,10 +106,24 @@ class Job:
 
 @dataclass(frozen=True, slots=True)
 class Box:
-    """A primed job: the slot's uid and the job folder."""
+    """A primed job: the slot's uid and the job's root folder.
+
+    With root, `root` is the job's own tmpfs (see app.engine.disk): its folder and its /tmp,
+    /var/tmp and /dev/shm (`scratch`) under one cap. Without root it is a plain folder, and each
+    stage gets tmpfs mounts of its own.
+    """
 
     uid: int
-    job_dir: Path
+    root: Path
+    capped: bool
+
+    @property
+    def job_dir(self) -> Path:
+        return self.root / "submission"
+
+    @property
+    def scratch(self) -> Path | None:
+        return self.root if self.capped else None
 
 
 class StageEvents(Protocol):
@@ -139,6 +155,33 @@ def _write_files(job_dir: Path, files: Sequence[tuple[str, bytes]], uid: int | N
             os.chown(path, uid, uid)
 
 
+def _lay_out(box: Box, files: Sequence[tuple[str, bytes]], settings: EngineSettings) -> None:
+    """The job's root (its capped tmpfs, with root), its scratch folders and its files."""
+    owner = box.uid if box.capped else None
+    if box.capped:
+        mount_job_disk(
+            box.root, size=settings.job_disk_limit, inodes=settings.job_file_limit, owner=box.uid
+        )
+        for name in SCRATCH_DIRS:
+            (box.root / name).mkdir(mode=0o700)
+            os.chown(box.root / name, box.uid, box.uid)
+    else:
+        box.root.mkdir(mode=0o700)
+    _write_files(box.job_dir, files, owner)
+
+
+def _refuse_nul(request: ExecuteRequest) -> None:
+    """A NUL cannot be part of a command line or a path: name the field that holds one."""
+    fields = [("language", request.language), ("version", request.version)]
+    fields += [
+        (f"files[{index}].name", file.name or "") for index, file in enumerate(request.files)
+    ]
+    fields += [(f"args[{index}]", arg) for index, arg in enumerate(request.args)]
+    for name, value in fields:
+        if "\x00" in value:
+            raise BadRequest(f"{name} must not contain a NUL character")
+
+
 class Engine:
     """Everything the HTTP layer needs: the runtimes, the job slots, the metrics."""
 
@@ -162,6 +205,13 @@ class Engine:
                 "system python3 (apt-get install python3)"
             )
         self.pool.claim()
+        if self.pool.privileged:
+            await asyncio.to_thread(self._prove_job_disk)
+        else:
+            sys.stderr.write(
+                "engine: not root, so PISTON_JOB_DISK_LIMIT caps /tmp, /var/tmp and /dev/shm per "
+                "stage but not the job folder (mounting a job's tmpfs needs root)\n"
+            )
         self.metrics.first_uid.set(self.pool.uid_for(0))
         self.metrics.slots.set(self.settings.max_concurrent_jobs)
         true = find_tool("true") or "/usr/bin/true"
@@ -176,6 +226,17 @@ class Engine:
         )
         self.runtimes = [runtime for runtime in found if runtime is not None]
         self._catalog = [runtime.runtime for runtime in self.runtimes]
+
+    def _prove_job_disk(self) -> None:
+        box = Box(uid=self.pool.uid_for(0), root=self.pool.jobs_dir / "probe-disk", capped=True)
+        try:
+            _lay_out(box, [], self.settings)
+        except OSError as exc:
+            raise SandboxUnavailable(
+                f"{exc.strerror}: the engine caps each job's disk with a tmpfs of its own"
+            ) from None
+        finally:
+            self._clean_up(box)
 
     async def _discover(self, index: int, spec: Any) -> HostRuntime | None:
         tools = locate(spec)
@@ -249,6 +310,7 @@ class Engine:
 
     def job_for(self, request: ExecuteRequest) -> Job:
         """Check a request against the catalog and the caps (BadRequest: Piston's 400 message)."""
+        _refuse_nul(request)
         require_utf8_file(request)
         host = self.resolve(request.language, request.version)
         enforce_caps(request, self.settings.caps)
@@ -276,11 +338,10 @@ class Engine:
         finally:
             self.metrics.waiting.dec()
         self.metrics.in_flight.inc()
-        box = Box(uid=uid, job_dir=self.pool.jobs_dir / uuid.uuid4().hex)
-        owner = uid if self.pool.privileged else None
+        box = Box(uid=uid, root=self.pool.jobs_dir / uuid.uuid4().hex, capped=self.pool.privileged)
         try:
             writing = asyncio.ensure_future(
-                asyncio.to_thread(_write_files, box.job_dir, job.files, owner)
+                asyncio.to_thread(_lay_out, box, job.files, self.settings)
             )
             try:
                 await asyncio.shield(writing)
@@ -296,7 +357,7 @@ class Engine:
 
     async def _release(self, box: Box) -> None:
         try:
-            await asyncio.to_thread(self._clean_up, box.job_dir, box.uid)
+            await asyncio.to_thread(self._clean_up, box)
         finally:
             self.metrics.in_flight.dec()
             self.pool.release(box.uid)
@@ -319,6 +380,7 @@ class Engine:
             "settings": self.settings,
             "uid": box.uid,
             "job_dir": box.job_dir,
+            "scratch": box.scratch,
             "env": self._env(host.runtime.language),
             "stdin": stdin,
             "live": live,
@@ -365,10 +427,12 @@ class Engine:
         answer["version"] = job.host.runtime.version
         return answer
 
-    def _clean_up(self, job_dir: Path, uid: int) -> None:
+    def _clean_up(self, box: Box) -> None:
         if self.pool.privileged:
-            leftovers = sweep_uid(uid)
+            leftovers = sweep_uid(box.uid)
             if leftovers:
                 self.metrics.leftovers.inc(leftovers)
+        if box.capped:
+            unmount(box.root)
         with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(job_dir)
+            shutil.rmtree(box.root)

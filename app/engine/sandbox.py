@@ -2,7 +2,9 @@
 
 Shape of one stage:
 
-    engine ──(real uid = job uid)──▶ bwrap (user/pid/net/ipc/uts/mount namespaces)
+    engine ──(real uid = job uid)──▶ bwrap (user/pid/net/ipc/uts/mount namespaces; nested user
+                                        │  namespaces disabled; empty environment, options read
+                                        │  from a memfd, so PID 1 shows nothing of the engine)
                                         └▶ supervisor (system python, -I -S)
                                               └▶ the program, with rlimits set between fork and exec
 
@@ -24,22 +26,26 @@ import os
 import shutil
 import signal
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from app.engine.config import UID_BLOCK_SIZE, EngineSettings
+from app.engine.disk import mounts_under, unmount
 
 __all__ = [
     "SUPERVISOR",
     "LiveIO",
+    "PendingStdin",
     "SandboxUnavailable",
     "StageLimits",
     "StageResult",
     "SupervisorReport",
     "UidPool",
     "bwrap_argv",
+    "bwrap_parts",
     "classify",
     "parse_report",
     "run_stage",
@@ -108,6 +114,11 @@ _USR_MERGED_LINKS: Final = (("usr/bin", "/bin"), ("usr/sbin", "/sbin"), ("usr/li
 _USR_OPTIONAL_LINKS: Final = (("usr/lib64", "/lib64"), ("usr/lib32", "/lib32"))
 
 BOX_DIR: Final = "/box/submission"
+# A job's writable places other than its folder: scratch folder name -> where the job sees it.
+SCRATCH_DIRS: Final = {"tmp": "/tmp", "var-tmp": "/var/tmp", "shm": "/dev/shm"}
+# bwrap's own environment: nothing of the engine's. bwrap is PID 1 of the job's pid namespace, so
+# whatever it was started with, a job could read in /proc/1/environ.
+_BWRAP_ENV: Final[dict[str, str]] = {}
 
 
 class SandboxUnavailable(RuntimeError):
@@ -130,6 +141,38 @@ class StageLimits:
         return max(1, math.ceil(self.cpu_time_ms / 1000))
 
 
+class PendingStdin:
+    """An interactive job's stdin not yet taken by the program, held to `limit` bytes in total.
+
+    A chunk counts from `put` until the program's pipe has taken it (`taken`), so a program that
+    never reads its stdin holds at most `limit` bytes of the engine's memory, whatever is sent.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.pending = 0
+        self._chunks: deque[bytes] = deque()
+        self._ready = asyncio.Event()
+
+    def put(self, chunk: bytes) -> bool:
+        """Queue `chunk`; False (and nothing queued) when it would pass the limit."""
+        if self.pending + len(chunk) > self.limit:
+            return False
+        self.pending += len(chunk)
+        self._chunks.append(chunk)
+        self._ready.set()
+        return True
+
+    async def get(self) -> bytes:
+        while not self._chunks:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._chunks.popleft()
+
+    def taken(self, size: int) -> None:
+        self.pending -= size
+
+
 @dataclass(slots=True)
 class LiveIO:
     """An interactive stage's channel: stdin and signals in as they come, output out as it comes.
@@ -139,7 +182,7 @@ class LiveIO:
     """
 
     output: Callable[[str, bytes], Awaitable[None]]
-    stdin: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)
+    stdin: PendingStdin
     signals: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
 
 
@@ -250,12 +293,46 @@ def bwrap_argv(
     limits: StageLimits,
     status_fd: int,
     control_fd: int,
+    scratch: Path | None = None,
 ) -> list[str]:
-    """The full argv of one sandboxed stage (pure, so a unit test can read it)."""
-    argv = [
-        str(settings.bwrap_path),
+    """bwrap_parts as one argv: bwrap, its options, `--`, the sandboxed command."""
+    bwrap, options, sandboxed = bwrap_parts(
+        settings=settings,
+        job_dir=job_dir,
+        env=env,
+        command=command,
+        limits=limits,
+        status_fd=status_fd,
+        control_fd=control_fd,
+        scratch=scratch,
+    )
+    return [bwrap, *options, "--", *sandboxed]
+
+
+def bwrap_parts(
+    *,
+    settings: EngineSettings,
+    job_dir: Path,
+    env: Mapping[str, str],
+    command: Sequence[str],
+    limits: StageLimits,
+    status_fd: int,
+    control_fd: int,
+    scratch: Path | None = None,
+) -> tuple[str, list[str], list[str]]:
+    """One sandboxed stage: bwrap's path, its options, and the command it runs (the supervisor).
+
+    `scratch` holds the job's /tmp, /var/tmp and /dev/shm (folders named as SCRATCH_DIRS's keys);
+    without it each stage gets tmpfs mounts of its own (the start-up probes).
+    Raises ValueError for an argument that holds a NUL.
+    """
+    options = [
         # user, ipc, pid, net, uts and cgroup namespaces: no network, no view of other processes.
         "--unshare-all",
+        # A job may not make user namespaces of its own (`unshare -U` fails): they would widen the
+        # kernel surface it can reach. --disable-userns needs the user namespace asked for by name.
+        "--unshare-user",
+        "--disable-userns",
         "--die-with-parent",
         "--new-session",
         "--hostname",
@@ -266,14 +343,20 @@ def bwrap_argv(
         "--dev",
         "/dev",
     ]
-    for private in ("/tmp", "/var/tmp", "/dev/shm"):
-        # A tmpfs per stage: whatever a job leaves there is gone with its mount namespace.
-        argv += ["--size", str(settings.tmpfs_size), "--tmpfs", private]
-    argv += ["--bind", str(job_dir), BOX_DIR, "--chdir", BOX_DIR, "--clearenv"]
+    if scratch is None:
+        for private in SCRATCH_DIRS.values():
+            # A tmpfs per stage: whatever a job leaves there is gone with its mount namespace.
+            options += ["--size", str(settings.tmpfs_size), "--tmpfs", private]
+    else:
+        # The job's own folders on its one size-capped filesystem (see app.engine.disk): all that
+        # the job writes anywhere counts against one PISTON_JOB_DISK_LIMIT, and both stages of
+        # the job see the same files.
+        for name, private in SCRATCH_DIRS.items():
+            options += ["--bind", str(scratch / name), private]
+    options += ["--bind", str(job_dir), BOX_DIR, "--chdir", BOX_DIR, "--clearenv"]
     for key, value in env.items():
-        argv += ["--setenv", key, value]
-    argv += [
-        "--",
+        options += ["--setenv", key, value]
+    sandboxed = [
         str(settings.supervisor_python),
         "-I",
         "-S",
@@ -288,7 +371,12 @@ def bwrap_argv(
         str(limits.max_file_size),
         *command,
     ]
-    return argv
+    # bwrap reads these from a descriptor, NUL-separated (see run_stage): a NUL inside one would
+    # split it into two arguments, and so into options of bwrap's own.
+    for arg in (*options, *sandboxed):
+        if "\x00" in arg:
+            raise ValueError(f"a sandbox argument holds a NUL character: {arg[:40]!r}")
+    return str(settings.bwrap_path), options, sandboxed
 
 
 def _processes_of(uid: int) -> list[int]:
@@ -367,7 +455,10 @@ class UidPool:
                 "(raise PISTON_UID_BLOCKS)"
             )
         self.jobs_dir = base / f"block-{self.block}"
-        # Whatever a crashed engine with this block left behind is ours to remove.
+        # Whatever a crashed engine with this block left behind is ours to remove, its jobs'
+        # tmpfs mounts first.
+        for mount_point in mounts_under(self.jobs_dir):
+            unmount(mount_point)
         shutil.rmtree(self.jobs_dir, ignore_errors=True)
         self.jobs_dir.mkdir(mode=0o711)
         if self.privileged:
@@ -398,10 +489,55 @@ class UidPool:
             self._lock_fd = None
 
 
-def _close_quietly(*fds: int) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+class _Descriptors:
+    """The descriptors a stage opens, each closed exactly once, and all of them on any way out.
+
+    Closing a number twice could close a descriptor another job has opened since under the same
+    number, so each is closed through here and forgotten.
+    """
+
+    def __init__(self) -> None:
+        self._open: set[int] = set()
+
+    def pipe(self) -> tuple[int, int]:
+        read, write = os.pipe()
+        self._open.update((read, write))
+        return read, write
+
+    def data(self, payload: bytes) -> int:
+        """A descriptor a child reads `payload` from (a memfd: no size limit, nothing on disk)."""
+        fd = os.memfd_create("bwrap-args", os.MFD_CLOEXEC)
+        self._open.add(fd)
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+        return fd
+
+    def close(self, *fds: int) -> None:
+        for fd in fds:
+            if fd in self._open:
+                self._open.discard(fd)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def close_all(self) -> None:
+        self.close(*self._open.copy())
+
+
+def _cannot_start(exc: Exception) -> StageResult:
+    return StageResult(
+        stdout="",
+        stderr="",
+        output="",
+        code=None,
+        signal=None,
+        message=f"Internal error: cannot start the sandbox: {exc}",
+        status="XX",
+        cpu_time=None,
+        wall_time=0,
+        memory=None,
+    )
 
 
 async def run_stage(
@@ -414,25 +550,67 @@ async def run_stage(
     stdin: bytes,
     limits: StageLimits,
     live: LiveIO | None = None,
+    scratch: Path | None = None,
 ) -> StageResult:
     """Run `command` in a fresh sandbox on `job_dir` and judge it as Piston would.
 
     Without `live`, `stdin` is the program's whole input. With it, `stdin` is written first, then
     whatever arrives on `live.stdin` (stdin stays open), signals on `live.signals` reach the
     program, and output goes to `live.output` as it arrives instead of into the result.
+    Every descriptor the stage opens is closed when it returns or raises, whatever happened.
     """
+    descriptors = _Descriptors()
+    try:
+        return await _run_stage(
+            descriptors,
+            settings=settings,
+            uid=uid,
+            job_dir=job_dir,
+            env=env,
+            command=command,
+            stdin=stdin,
+            limits=limits,
+            live=live,
+            scratch=scratch,
+        )
+    finally:
+        descriptors.close_all()
+
+
+async def _run_stage(
+    descriptors: _Descriptors,
+    *,
+    settings: EngineSettings,
+    uid: int,
+    job_dir: Path,
+    env: Mapping[str, str],
+    command: Sequence[str],
+    stdin: bytes,
+    limits: StageLimits,
+    live: LiveIO | None,
+    scratch: Path | None,
+) -> StageResult:
     loop = asyncio.get_running_loop()
-    status_r, status_w = os.pipe()
-    control_r, control_w = os.pipe()
-    argv = bwrap_argv(
-        settings=settings,
-        job_dir=job_dir,
-        env=env,
-        command=command,
-        limits=limits,
-        status_fd=status_w,
-        control_fd=control_r,
-    )
+    try:
+        status_r, status_w = descriptors.pipe()
+        control_r, control_w = descriptors.pipe()
+        bwrap, options, sandboxed = bwrap_parts(
+            settings=settings,
+            job_dir=job_dir,
+            env=env,
+            command=command,
+            limits=limits,
+            status_fd=status_w,
+            control_fd=control_r,
+            scratch=scratch,
+        )
+        # bwrap reads its options from a descriptor and starts with an empty environment: it is
+        # PID 1 of the job's pid namespace, and its /proc/1/cmdline and /proc/1/environ would
+        # otherwise show the job folder's host path and every variable of the engine. What stays
+        # on its command line (after `--`, which bwrap takes there only) is the sandbox's own.
+        args_fd = descriptors.data(b"".join(os.fsencode(arg) + b"\0" for arg in options))
+    except (OSError, ValueError) as exc:
+        return _cannot_start(exc)
     identity: dict[str, Any] = {}
     if os.geteuid() == 0:
         # Drop the real uid before bwrap, so RLIMIT_NPROC counts this job's processes only.
@@ -440,11 +618,16 @@ async def run_stage(
     started = time.monotonic()
     spawning = asyncio.ensure_future(
         asyncio.create_subprocess_exec(
-            *argv,
+            bwrap,
+            "--args",
+            str(args_fd),
+            "--",
+            *sandboxed,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            pass_fds=(status_w, control_r),
+            pass_fds=(status_w, control_r, args_fd),
+            env=_BWRAP_ENV,
             start_new_session=True,
             **identity,
         )
@@ -461,23 +644,13 @@ async def run_stage(
                 if spawning.cancelled():
                     raise
                 cancelled = True
-    except OSError as exc:
-        _close_quietly(status_r, status_w, control_r, control_w)
-        return StageResult(
-            stdout="",
-            stderr="",
-            output="",
-            code=None,
-            signal=None,
-            message=f"Internal error: cannot start the sandbox: {exc}",
-            status="XX",
-            cpu_time=None,
-            wall_time=0,
-            memory=None,
-        )
-    _close_quietly(status_w, control_r)
+    except (OSError, ValueError) as exc:
+        return _cannot_start(exc)
+    finally:
+        # The child's ends are the child's: the engine keeps none of them, however spawning went.
+        descriptors.close(status_w, control_r, args_fd)
     if cancelled:
-        _close_quietly(control_w, status_r)
+        descriptors.close(control_w)
         await _end_sandbox(proc)
         raise asyncio.CancelledError
 
@@ -518,8 +691,12 @@ async def run_stage(
                 proc.stdin.write(stdin)
                 await proc.stdin.drain()
             while live is not None:
-                proc.stdin.write(await live.stdin.get())
-                await proc.stdin.drain()
+                chunk = await live.stdin.get()
+                try:
+                    proc.stdin.write(chunk)
+                    await proc.stdin.drain()
+                finally:
+                    live.stdin.taken(len(chunk))
         proc.stdin.close()
 
     async def relay_signals() -> None:
@@ -560,7 +737,7 @@ async def run_stage(
             task.cancel()
         if hard_kill is not None:
             hard_kill.cancel()
-        _close_quietly(control_w)
+        descriptors.close(control_w)
         await _end_sandbox(proc)
 
     os.set_blocking(status_r, False)
@@ -568,8 +745,6 @@ async def run_stage(
         raw = os.read(status_r, 256)
     except BlockingIOError:
         raw = b""
-    finally:
-        _close_quietly(status_r)
     report = parse_report(raw)
     verdict = classify(killed=killed, report=report, cpu_time_ms=limits.cpu_time_ms)
     return StageResult(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
+import structlog
 import uvicorn
 
 from app.engine.app import create_app
@@ -26,11 +27,12 @@ def run(*, host: str = "127.0.0.1", port: int = 2000) -> None:
         engine.close()
         sys.stderr.write(f"piston-gateway engine: {exc}\n")
         raise SystemExit(1) from None
-    listed = ", ".join(f"{rt.language}-{rt.version}" for rt in engine.catalog) or "none"
-    sys.stderr.write(f"piston-gateway engine: runtimes {listed}\n")
+    configure_logging("info")  # JSON lines like the gateway's; no per-request access lines
+    structlog.get_logger("app.engine").info(
+        "engine_runtimes", runtimes=[f"{rt.language}-{rt.version}" for rt in engine.catalog]
+    )
     # The asyncio loop, not uvloop: job stages drop to the job uid through subprocess's
     # user/group arguments, which uvloop's subprocess support lacks.
-    configure_logging("info")  # JSON lines like the gateway's; no per-request access lines
     uvicorn.run(
         create_app(settings, engine),
         host=host,
@@ -39,4 +41,6 @@ def run(*, host: str = "127.0.0.1", port: int = 2000) -> None:
         workers=1,
         log_config=None,
         access_log=False,
+        # No WebSocket message larger than an execute body is read (closed with 1009 past it).
+        ws_max_size=settings.max_body_bytes,
     )

@@ -79,8 +79,15 @@ class Gate(Protocol):
     """Per-tenant limits, quota, concurrency leases, usage and the result-cache read/write."""
 
     async def admit(
-        self, tenant: Tenant, *, cache_key: str | None, lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS
-    ) -> Admission: ...
+        self,
+        tenant: Tenant,
+        *,
+        cache_key: str | None,
+        lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS,
+        cost: int = 1,
+    ) -> Admission:
+        """`cost` executions at once (a batch), all or none; still one lease, one cache read."""
+        ...
 
     async def finish(
         self,
@@ -90,6 +97,7 @@ class Gate(Protocol):
         cpu_time_ms: float,
         wall_time_ms: float,
         store: tuple[str, bytes, int] | None = None,
+        cache_hits: int = 0,
     ) -> None: ...
 
     async def read(self, cache_key: str) -> bytes | None: ...
@@ -197,8 +205,14 @@ def refusal(
     headers: Mapping[str, str],
     retry_seconds: float,
     limit: str,
+    cost: int = 1,
+    left: int = 0,
 ) -> TooManyRequests:
-    """The 429 for a refused request; `limit` is the text that names what was reached."""
+    """The 429 for a refused request; `limit` is the text that names what was reached.
+
+    A request of several executions (`cost`, a batch) is told how many it needs and how many
+    the exhausted policy has `left`.
+    """
     if metrics is not None:
         metrics.rejected.labels(reason=reason).inc()
     if reason == "rate_limit":
@@ -207,6 +221,8 @@ def refusal(
         message = limit
     else:
         message = f"concurrency limit of {limit} executions in flight reached"
+    if cost > 1 and reason != "concurrency":
+        message = f"this request needs {cost} executions and {max(0, left)} are left: {message}"
     return TooManyRequests(message, headers={**headers, "Retry-After": retry_after(retry_seconds)})
 
 

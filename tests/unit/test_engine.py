@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 from pathlib import Path
 
 import pytest
 
 from app.engine.config import EngineSettings
+from app.engine.disk import mount_point
 from app.engine.runtimes import SPECS, entry_arg, host_runtime, normalize_version
 from app.engine.sandbox import (
     SUPERVISOR,
+    PendingStdin,
     StageLimits,
     SupervisorReport,
     bwrap_argv,
     classify,
     parse_report,
+    run_stage,
 )
 
 LIMITS = StageLimits(
@@ -94,7 +98,14 @@ def test_bwrap_argv_isolates_the_job() -> None:
     )
     joined = " ".join(argv)
     assert argv[0] == "/usr/bin/bwrap"
-    for flag in ("--unshare-all", "--die-with-parent", "--new-session", "--clearenv"):
+    for flag in (
+        "--unshare-all",
+        "--unshare-user",
+        "--disable-userns",
+        "--die-with-parent",
+        "--new-session",
+        "--clearenv",
+    ):
         assert flag in argv
     assert "--share-net" not in argv
     assert "--ro-bind /usr /usr" in joined
@@ -159,3 +170,100 @@ def test_settings_use_pistons_names(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.output_max_size == 1024
     assert settings.caps["run_timeout"] == 5000
     assert settings.caps["compile_timeout"] == 10_000
+
+
+def _argv(**overrides: object) -> list[str]:
+    arguments: dict[str, object] = {
+        "settings": EngineSettings(bwrap_path=Path("/usr/bin/bwrap")),
+        "job_dir": Path("/jobs/abc/submission"),
+        "env": {"PATH": "/usr/bin"},
+        "command": ["/usr/bin/python3", "file0.code"],
+        "limits": LIMITS,
+        "status_fd": 7,
+        "control_fd": 8,
+        **overrides,
+    }
+    return bwrap_argv(**arguments)  # type: ignore[arg-type]
+
+
+def test_a_jobs_scratch_folders_share_its_one_capped_filesystem() -> None:
+    joined = " ".join(_argv(scratch=Path("/jobs/abc")))
+    assert "--tmpfs" not in joined
+    assert "--bind /jobs/abc/tmp /tmp" in joined
+    assert "--bind /jobs/abc/var-tmp /var/tmp" in joined
+    assert "--bind /jobs/abc/shm /dev/shm" in joined
+    assert "--bind /jobs/abc/submission /box/submission" in joined
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"command": ["/usr/bin/python3", "a\x00--bind"]},
+        {"env": {"X": "a\x00b"}},
+        {"job_dir": Path("/jobs/a\x00b")},
+    ],
+)
+def test_bwrap_argv_refuses_a_nul(overrides: dict[str, object]) -> None:
+    # bwrap reads its options NUL-separated: a NUL would split one argument into two.
+    with pytest.raises(ValueError, match="NUL"):
+        _argv(**overrides)
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize(
+    ("settings", "command"),
+    [
+        (EngineSettings(), ["/usr/bin/true", "a\x00b"]),
+        (EngineSettings(bwrap_path=Path("/nonexistent/bwrap")), ["/usr/bin/true"]),
+    ],
+)
+async def test_a_stage_that_cannot_start_leaves_no_descriptor(
+    tmp_path: Path, settings: EngineSettings, command: list[str]
+) -> None:
+    before = _open_descriptors()
+    for _ in range(5):
+        result = await run_stage(
+            settings=settings,
+            uid=os.getuid(),
+            job_dir=tmp_path,
+            env={},
+            command=command,
+            stdin=b"",
+            limits=LIMITS,
+        )
+        assert result.status == "XX"
+        assert result.message is not None
+        assert result.message.startswith("Internal error: cannot start the sandbox")
+    assert _open_descriptors() == before
+
+
+async def test_pending_stdin_is_held_to_its_limit() -> None:
+    pending = PendingStdin(10)
+    assert pending.put(b"123456")
+    assert not pending.put(b"12345")  # 11 bytes would be waiting
+    assert pending.put(b"1234")
+    assert pending.pending == 10
+    assert await pending.get() == b"123456"
+    assert pending.pending == 10  # still the engine's until the program's pipe takes it
+    pending.taken(6)
+    assert pending.put(b"abcdef")
+    assert pending.pending == 10
+
+
+def test_job_caps_default_to_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = EngineSettings()
+    assert settings.job_disk_limit == 256 * 1024 * 1024
+    assert settings.ws_max_pending_stdin_bytes == 1024 * 1024
+    monkeypatch.setenv("PISTON_JOB_DISK_LIMIT", "1000000")
+    monkeypatch.setenv("PISTON_WS_MAX_PENDING_STDIN_BYTES", "2048")
+    assert EngineSettings().job_disk_limit == 1_000_000
+    assert EngineSettings().ws_max_pending_stdin_bytes == 2048
+
+
+def test_mountinfo_escapes_are_undone() -> None:
+    line = b"84 67 0:39 / /tmp/jobs\\040x/a rw,nosuid - tmpfs pgw-job rw,size=1k\n"
+    assert mount_point(line) == b"/tmp/jobs x/a"
+    assert mount_point(b"garbage\n") == b""
