@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI
 from starlette.responses import Response
@@ -41,27 +41,35 @@ RATE_LIMIT = "100000000/hour"
 Call = Callable[[], Awaitable[Any]]
 
 
-def admit_keys_args() -> tuple[list[str], list[int | str]]:
-    """The keys and arguments RedisGate.admit sends for a cache hit of a bench tenant."""
-    from app.limits.gate import USAGE_TTL_SECONDS, day_end, utc_day, windows_for
-    from app.redis_keys import CONCURRENCY, QUOTA, USAGE
-    from app.redis_keys import RATE_LIMIT as RL
+class _Captured(Exception):
+    """Raised by the recording client once RedisGate.admit has built its script call."""
 
-    now = time.time()
-    day = utc_day(now)
-    windows = windows_for(RATE_LIMIT, "fixed-window")
-    keys = [
-        CACHE_KEY,
-        f"{QUOTA}{TENANT}:{day}",
-        f"{CONCURRENCY}{TENANT}",
-        f"{USAGE}{TENANT}:{day}",
-        *(RL + w.key(TENANT) for w in windows),
-    ]
-    args: list[int | str] = [1, 0, 0, int(day_end(day).timestamp() - now) + 3_600, 0]
-    args += [os.urandom(16).hex(), 60_000, USAGE_TTL_SECONDS]
-    for w in windows:
-        args += (w.amount, w.seconds)
-    return keys, args
+
+async def admit_keys_args() -> tuple[list[Any], list[Any]]:
+    """The keys and arguments RedisGate.admit itself sends for a cache hit of a bench tenant.
+
+    Taken from the gate (through a client that records the script call) rather than rebuilt
+    here, so the floors keep running the gate's call as the script and its arguments change.
+    """
+    from app.limits.redis_gate import RedisGate
+    from app.tenancy.models import Tenant
+
+    seen: dict[str, list[Any]] = {}
+
+    class Recorder:
+        def register_script(self, source: str) -> Callable[..., Awaitable[Any]]:
+            async def call(keys: list[Any], args: list[Any]) -> Any:
+                seen["keys"], seen["args"] = list(keys), list(args)
+                raise _Captured
+
+            return call
+
+    gate = RedisGate(cast(Any, Recorder()), default_rate_limit=RATE_LIMIT)
+    try:
+        await gate.admit(Tenant(id=TENANT, rate_limit=RATE_LIMIT), cache_key=CACHE_KEY)
+    except _Captured:
+        return seen["keys"], seen["args"]
+    raise RuntimeError("RedisGate.admit made no script call")
 
 
 @asynccontextmanager
@@ -69,7 +77,7 @@ async def open_client(name: str, url: str) -> AsyncIterator[Call]:
     """A zero-argument admit call through client `name`; the client is closed on exit."""
     from app.limits.redis_gate import ADMIT_SCRIPT
 
-    keys, args = admit_keys_args()
+    keys, args = await admit_keys_args()
     if name == "redis-py":
         from app.main import open_redis
 

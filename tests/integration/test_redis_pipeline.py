@@ -21,7 +21,7 @@ import redis
 import redis.exceptions as rex
 
 from app.errors import ServiceUnavailable, TooManyRequests
-from app.limits.redis_gate import ADMIT_SCRIPT, RedisGate
+from app.limits.redis_gate import RedisGate
 from app.redis_pipeline import PipelinedRedis
 from app.tenancy.models import Tenant
 from tests.support import RedisServer, free_port, wait_for_port
@@ -84,20 +84,6 @@ async def test_script_runs_after_noscript_by_loading_it(
     assert sync(redis_server).script_exists(script.sha) == [True]
     sync(redis_server).script_flush()  # a restarted or flushed Redis, once more
     assert await script(keys=["again"], args=["x"]) == [b"again", b"x", 7]
-
-
-async def test_the_real_admit_script_counts_a_hit(
-    client: PipelinedRedis, redis_server: RedisServer
-) -> None:
-    sync(redis_server).set("pgw-test:pipeline:cache", b'{"run":{}}')
-    admit = client.register_script(ADMIT_SCRIPT)
-    keys = ["pgw-test:pipeline:cache", "q", "c", "pgw-test:pipeline:usage", "w"]
-    args = [1, 0, 0, 60, 0, "token", 1000, 60, 100, 60]
-    reply = await admit(keys=keys, args=args)
-    assert reply[0] == 0  # admitted
-    assert reply[1] == b'{"run":{}}'  # the cached answer
-    assert reply[5] == 1  # the window counted it
-    assert sync(redis_server).hget("pgw-test:pipeline:usage", "cache_hits") == b"1"
 
 
 async def test_an_error_reply_fails_only_its_own_call(client: PipelinedRedis) -> None:
@@ -354,6 +340,12 @@ async def test_the_gate_runs_on_it_unchanged_and_an_outage_is_a_503(own_redis: R
         usage = sync(own_redis).hgetall(f"pgw:usage:acme:{first.day}")
         assert usage[b"executions"] == b"2"
         assert float(usage[b"cpu_time_ms"]) == 10
+        # A cache hit: the stored answer comes back with the admission (no lease taken).
+        sync(own_redis).set("pgw-test:pipeline:cache", b'{"run":{}}')
+        roomy = Tenant(id="roomy", max_concurrency=1)
+        hit = await gate.admit(roomy, cache_key="pgw-test:pipeline:cache")
+        assert hit.cached == b'{"run":{}}'
+        assert hit.lease is None
 
         assert own_redis.proc is not None
         own_redis.proc.kill()
