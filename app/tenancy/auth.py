@@ -42,7 +42,7 @@ from app.state import get_state
 from app.tenancy.keys import hash_key, key_from_headers
 from app.tenancy.models import ApiKey, Principal, Tenant
 from app.tenancy.origins import OriginIndex, request_origin
-from app.tenancy.store import MemoryTenantStore, TenantStore, parse_browser_key
+from app.tenancy.store import MemoryTenantStore, TenantStore, browser_entry, parse_browser_key
 
 if TYPE_CHECKING:
     from app.limits import ClientLimit
@@ -251,6 +251,11 @@ class Authenticator:
         entry = _Entry(key=key, principal=principal, fetched_at=fetched_at)
         if self._caching and generation == self._generation and key.usable():
             self._cache[digest] = entry
+            browser = browser_entry(key)
+            if browser is not None:
+                # Verified live just now: its answers carry CORS headers even if this request
+                # beat the mint's message here (the generation check keeps a revoke's out).
+                self.origins.add(digest, browser)
             if len(self._cache) > _CACHE_MAX_ENTRIES:
                 self._cache.popitem(last=False)
         return entry

@@ -42,6 +42,7 @@ __all__ = [
     "MemoryTenantStore",
     "RedisTenantStore",
     "TenantStore",
+    "browser_entry",
     "browser_key_message",
     "create_store",
     "invalidation_for_key",
@@ -86,18 +87,19 @@ def invalidation_for_tenant(tenant_id: str) -> str:
     return f"tenant:{tenant_id}"
 
 
-def _browser_entry(key: ApiKey) -> BrowserKey | None:
+def browser_entry(key: ApiKey) -> BrowserKey | None:
+    """What CORS needs of a browser key (None for an ordinary key)."""
     if key.allowed_origins is None:
         return None
     expires = key.expires_at.timestamp() if key.expires_at is not None else None
     return BrowserKey(frozenset(key.allowed_origins), expires)
 
 
-def _dump_browser_entry(entry: BrowserKey) -> bytes:
+def _dumpbrowser_entry(entry: BrowserKey) -> bytes:
     return orjson.dumps({"origins": sorted(entry.origins), "expires_at": entry.expires_at})
 
 
-def _load_browser_entry(raw: bytes | str) -> BrowserKey:
+def _loadbrowser_entry(raw: bytes | str) -> BrowserKey:
     data = orjson.loads(raw)
     expires = data.get("expires_at")
     return BrowserKey(frozenset(data["origins"]), None if expires is None else float(expires))
@@ -112,7 +114,7 @@ def browser_key_message(digest: str, entry: BrowserKey) -> str:
 def parse_browser_key(payload: str) -> tuple[str, BrowserKey]:
     """What follows `browser-key:`; ValueError (or KeyError, TypeError) if malformed."""
     data = orjson.loads(payload)
-    return str(data["digest"]), _load_browser_entry(payload)
+    return str(data["digest"]), _loadbrowser_entry(payload)
 
 
 def _tenant_exists(tenant_id: str) -> NotFound:
@@ -332,7 +334,7 @@ class RedisTenantStore:
             client_rate_limit=client_rate_limit,
         )
         tenant_key = redis_keys.TENANT + tenant_id
-        browser = _browser_entry(key)
+        browser = browser_entry(key)
 
         async def body(pipe: Pipeline) -> None:
             # Watching the tenant makes "it exists" and "the key is written" one atomic fact.
@@ -345,7 +347,7 @@ class RedisTenantStore:
             # Published although nothing cached it yet, so no process keeps a stale negative.
             pipe.publish(redis_keys.CHANNEL_INVALIDATE, invalidation_for_key(key.hash))
             if browser is not None:
-                pipe.hset(redis_keys.BROWSER_KEYS, key.hash, _dump_browser_entry(browser))
+                pipe.hset(redis_keys.BROWSER_KEYS, key.hash, _dumpbrowser_entry(browser))
                 pipe.publish(redis_keys.CHANNEL_INVALIDATE, browser_key_message(key.hash, browser))
 
         await self._transaction(body, tenant_key)
@@ -402,7 +404,7 @@ class RedisTenantStore:
         """
         raw = await self._redis.hgetall(redis_keys.BROWSER_KEYS)
         now = datetime.now(UTC).timestamp()
-        entries = {_text(digest): _load_browser_entry(value) for digest, value in raw.items()}
+        entries = {_text(digest): _loadbrowser_entry(value) for digest, value in raw.items()}
         expired = [digest for digest, entry in entries.items() if not entry.live(now)]
         if expired:
             await self._redis.hdel(redis_keys.BROWSER_KEYS, *expired)
@@ -475,7 +477,7 @@ class MemoryTenantStore:
         )
         self._keys[key.hash] = key
         self._key_ids[key.id] = key.hash
-        browser = _browser_entry(key)
+        browser = browser_entry(key)
         if browser is not None:
             self.origins.add(key.hash, browser)
         return key, secret
@@ -502,7 +504,7 @@ class MemoryTenantStore:
         return {
             digest: entry
             for digest, key in self._keys.items()
-            if not key.revoked and (entry := _browser_entry(key)) is not None and entry.live(now)
+            if not key.revoked and (entry := browser_entry(key)) is not None and entry.live(now)
         }
 
 
