@@ -261,6 +261,9 @@ class TestClientRateLimit:
         assert int(refused.headers["retry-after"]) >= 1
         assert refused.headers["x-ratelimit-remaining"] == "0"
         assert "each client address" in refused.json()["message"]
+        # The page can read its 429 (and when to retry): the answer carries the CORS headers.
+        assert refused.headers["access-control-allow-origin"] == APP
+        assert "Retry-After" in refused.headers["access-control-expose-headers"]
         # Another address has a share of its own; the tenant's 5 still hold for all.
         other = await _from(gateway, key, "203.0.113.2")
         assert other.status_code == 200, other.text
