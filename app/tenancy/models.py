@@ -214,8 +214,18 @@ class KeyCreate(BaseModel):
     name: str | None = Field(default=None, max_length=200)
     scopes: list[Scope] = Field(default_factory=lambda: _default_scopes(), min_length=1)
     expires_at: datetime | None = None
-    allowed_origins: list[Annotated[str, _Strict]] | None = None
-    client_rate_limit: Annotated[str, _Strict] | None = None
+    allowed_origins: list[Annotated[str, _Strict]] | None = Field(
+        default=None,
+        description="Makes a browser key: it works only from these origins (scheme://host[:port])"
+        " and CORS answers them.",
+        examples=[["https://app.example.com", "http://localhost:5173"]],
+    )
+    client_rate_limit: Annotated[str, _Strict] | None = Field(
+        default=None,
+        description="Limits each client address using the key, on top of the tenant's rate_limit"
+        " (the limits syntax).",
+        examples=["10/minute"],
+    )
 
     @field_validator("name")
     @classmethod
