@@ -217,6 +217,16 @@ class TestPreflight:
         answer = await later.client.options("/api/v2/execute", headers=_preflight_headers(APP))
         assert answer.headers.get("access-control-allow-origin") == APP
 
+    async def test_without_redis(self, make_gateway: GatewayFactory) -> None:
+        gateway = await make_gateway(redis_url=None)  # the in-process store keeps the set
+        minted = await _browser_key(gateway)
+        allowed = await gateway.client.options("/api/v2/execute", headers=_preflight_headers(APP))
+        assert allowed.headers.get("access-control-allow-origin") == APP
+        assert (await gateway.execute(minted["key"], PY, Origin=APP)).status_code == 200
+        await gateway.client.delete(f"/admin/keys/{minted['id']}", headers=ADMIN)
+        after = await gateway.client.options("/api/v2/execute", headers=_preflight_headers(APP))
+        assert "access-control-allow-origin" not in after.headers
+
     async def test_configured_cors_origins_still_work(self, make_gateway: GatewayFactory) -> None:
         gateway = await make_gateway(cors_origins=["https://ops.example.com"])
         answer = await gateway.client.options(
