@@ -11,7 +11,6 @@ from typing import Any
 import hiredis
 import structlog
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
 from redis.asyncio import Connection, ConnectionPool, Redis
@@ -23,7 +22,7 @@ from redis.backoff import NoBackoff
 from app import __version__
 from app.cache import SingleFlight
 from app.errors import install_error_handlers
-from app.http import RequestContextMiddleware, UnexpectedErrorMiddleware
+from app.http import LiveOriginsCORSMiddleware, RequestContextMiddleware, UnexpectedErrorMiddleware
 from app.limits import AuthFailureLimiter, UpstreamSlots, create_gate
 from app.logging import configure_logging
 from app.metrics import Metrics
@@ -33,6 +32,7 @@ from app.redis_outage import RedisOutage
 from app.settings import RedisSentinelSettings, Settings, sentinel_address
 from app.state import AppState
 from app.tenancy.auth import Authenticator
+from app.tenancy.origins import request_origin
 from app.tenancy.store import create_store
 
 __all__ = ["create_app", "open_redis"]
@@ -286,21 +286,28 @@ def create_app(
     # Added innermost first: errors -> CORS -> request context (outermost), so that every
     # answer, a 500 included, carries X-Request-ID and the CORS headers.
     app.add_middleware(UnexpectedErrorMiddleware)
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
-            allow_headers=[
-                "Authorization",
-                "X-API-Key",
-                "Content-Type",
-                "Cache-Control",
-                "X-Request-ID",
-            ],
-            expose_headers=EXPOSED_HEADERS,
-            max_age=600,
-        )
+
+    def live_origin(origin: str) -> bool:
+        # A browser key's origin, live now (minted, not revoked, not expired) on any replica.
+        state: AppState | None = getattr(app.state, "gateway", None)
+        return state is not None and state.authenticator.origins.allows(request_origin(origin))
+
+    # Always installed: a browser key minted at any time needs its preflights answered.
+    app.add_middleware(
+        LiveOriginsCORSMiddleware,
+        live=live_origin,
+        allow_origins=settings.cors_origins,
+        allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
+        allow_headers=[
+            "Authorization",
+            "X-API-Key",
+            "Content-Type",
+            "Cache-Control",
+            "X-Request-ID",
+        ],
+        expose_headers=EXPOSED_HEADERS,
+        max_age=600,
+    )
     app.add_middleware(
         RequestContextMiddleware,
         metrics=metrics,

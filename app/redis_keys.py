@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "BROWSER_KEYS",
     "CACHE",
     "CHANNEL_INVALIDATE",
     "CONCURRENCY",
@@ -35,3 +36,5 @@ USAGE: Final = ROOT + "usage:"  # pgw:usage:<tenant>:<YYYY-MM-DD> -> hash of cou
 CACHE: Final = ROOT + "cache:"  # pgw:cache:<sha256 of the effective request> -> answer bytes
 FLIGHT: Final = ROOT + "flight:"  # pgw:flight:<cache digest> -> single-flight lock
 CHANNEL_INVALIDATE: Final = ROOT + "invalidate"  # pub/sub: key and tenant changes
+# Browser keys: pgw:browser-keys -> hash of <sha256 of the key> -> {"origins", "expires_at"}
+BROWSER_KEYS: Final = ROOT + "browser-keys"

@@ -40,7 +40,7 @@ from app.http import json_response, read_json_body
 from app.piston.resolve import Runtime
 from app.piston.schemas import ExecuteRequest
 from app.state import AppState, get_state
-from app.tenancy.auth import authorize
+from app.tenancy.auth import authorize, client_limit
 from app.tenancy.models import Tenant
 
 __all__ = ["BATCH_REQUEST_SCHEMA", "BATCH_RESPONSE_SCHEMA", "router"]
@@ -424,7 +424,11 @@ async def batch(request: Request) -> Response:
     # The lease must outlive the whole batch: the first case, then rounds of `concurrency`.
     rounds = 1 + math.ceil((count - 1) / concurrency)
     admission = await state.gate.admit(
-        tenant, cache_key=None, lease_ttl_ms=run.case_lease_ms * rounds, cost=count
+        tenant,
+        cache_key=None,
+        lease_ttl_ms=run.case_lease_ms * rounds,
+        cost=count,
+        client=client_limit(request, principal),
     )
     try:
         results = await run.run_all(concurrency)

@@ -6,19 +6,20 @@ Every path also answers with a trailing slash (aiopyston calls `execute/`), with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request, WebSocket
+from fastapi import APIRouter, Depends, Request, WebSocket, WebSocketDisconnect
 from starlette.responses import Response
 
 from app.cache import CacheMode, cache_digest, cache_key, cache_mode
 from app.errors import BadGateway, GatewayError, ServiceUnavailable, message_responses
 from app.http import json_response, read_json_body
-from app.limits import Admission
+from app.limits import Admission, ClientLimit
 from app.limits.slots import Reservation
 from app.piston.client import UpstreamAnswer, upstream_error
 from app.piston.connect import (
@@ -43,7 +44,14 @@ from app.piston.schemas import (
 from app.policy import effective_caps, effective_request, language_allowed
 from app.settings import Settings
 from app.state import AppState, StateDep, get_state
-from app.tenancy.auth import PrincipalDep, authorize, identify, require_scope
+from app.tenancy.auth import (
+    PrincipalDep,
+    authorize,
+    check_origin,
+    client_limit,
+    identify,
+    require_scope,
+)
 from app.tenancy.keys import key_from_headers
 from app.tenancy.models import Principal, Tenant
 
@@ -221,22 +229,30 @@ async def execute(request: Request) -> Response:
     principal = await authorize(request, "execute")
     state = get_state(request)
     tenant = principal.tenant
+    client = client_limit(request, principal)
     reservation = state.slots.reserve()  # past the queue: 503 now, not after body and Redis
     try:
-        return await _execute_reserved(request, state, tenant, reservation, started)
+        return await _execute_reserved(request, state, tenant, client, reservation, started)
     finally:
         reservation.release()  # unless the run took a slot with it already
 
 
 async def _execute_reserved(
-    request: Request, state: AppState, tenant: Tenant, reservation: Reservation, started: float
+    request: Request,
+    state: AppState,
+    tenant: Tenant,
+    client: ClientLimit | None,
+    reservation: Reservation,
+    started: float,
 ) -> Response:
     settings = state.settings
     body = await read_json_body(request, settings.max_body_bytes)
     runtime, effective = _effective(state, tenant, body)
     plan = _cache_plan(request, settings, tenant, effective)
     deadline_ms, lease_ttl_ms = _timing(settings, effective)
-    admission = await state.gate.admit(tenant, cache_key=plan.lookup_key, lease_ttl_ms=lease_ttl_ms)
+    admission = await state.gate.admit(
+        tenant, cache_key=plan.lookup_key, lease_ttl_ms=lease_ttl_ms, client=client
+    )
     if admission.degraded:  # Redis unreachable, failing open: no shared cache, no shared flight
         plan = _CachePlan(CacheMode(lookup=False, store=False, label="BYPASS"), None)
     if admission.cached is not None:
@@ -379,6 +395,15 @@ async def _principal(websocket: WebSocket) -> Principal | None:
         return None
 
 
+def _origin_refusal(websocket: WebSocket, principal: Principal) -> str | None:
+    """Why a browser key may not be used from this handshake's Origin, or None."""
+    try:
+        check_origin(principal, websocket.headers.get("origin"))
+    except GatewayError as exc:
+        return exc.message
+    return None
+
+
 async def _stop(task: asyncio.Task[Any]) -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
@@ -402,7 +427,16 @@ async def connect(websocket: WebSocket) -> None:
         # Nothing has reached the upstream; 1008 is the WebSocket "policy violation" close.
         await close_client(websocket, 1008, "a valid API key with the execute scope is required")
         return
+    refused = _origin_refusal(websocket, principal)
+    if refused is not None:
+        await _stop(first_message)
+        # The reason as an `error` message (a close reason is capped at 123 bytes), then 1008.
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect, OSError):
+            await websocket.send_text(orjson.dumps({"type": "error", "message": refused}).decode())
+        await close_client(websocket, 1008, "origin not allowed for this key")
+        return
     tenant = principal.tenant
+    client = client_limit(websocket, principal)
     try:
         text = await first_message
         first = orjson.loads(text)
@@ -426,7 +460,7 @@ async def connect(websocket: WebSocket) -> None:
         await notify_error(websocket, exc.message)
         return
     try:
-        await _admitted(state, websocket, tenant, first, reservation)
+        await _admitted(state, websocket, tenant, client, first, reservation)
     finally:
         reservation.release()  # unless the relay took a slot with it already
 
@@ -435,6 +469,7 @@ async def _admitted(
     state: AppState,
     websocket: WebSocket,
     tenant: Tenant,
+    client: ClientLimit | None,
     init: dict[str, Any],
     reservation: Reservation,
 ) -> None:
@@ -442,7 +477,9 @@ async def _admitted(
     try:
         runtime, effective = _effective(state, tenant, init)
         _, lease_ttl_ms = _timing(state.settings, effective)
-        admission = await state.gate.admit(tenant, cache_key=None, lease_ttl_ms=lease_ttl_ms)
+        admission = await state.gate.admit(
+            tenant, cache_key=None, lease_ttl_ms=lease_ttl_ms, client=client
+        )
     except GatewayError as exc:
         await notify_error(websocket, exc.message)
         return
