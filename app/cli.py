@@ -74,7 +74,6 @@ def serve(
             server_header=False,
             proxy_headers=False,  # X-Forwarded-For is trusted only per GATEWAY_TRUSTED_PROXIES
             **uvicorn_options(settings),
-            ws_max_size=settings.max_body_bytes,  # a WebSocket message is held to the body bound
         )
     finally:
         if metrics_dir is not None:
@@ -161,6 +160,7 @@ def dev(
     from app.devstack import dev_settings, print_dev_banner
     from app.logging import configure_logging
     from app.main import create_app
+    from app.server import uvicorn_options
 
     if not _port_free(port):
         raise _fail(f"port {port} is taken; pass --port")
@@ -176,7 +176,8 @@ def dev(
             port=port,
             log_config=None,
             access_log=False,
-            ws_max_size=settings.max_body_bytes,  # a WebSocket message is held to the body bound
+            server_header=False,
+            **uvicorn_options(settings),  # the same bounds on connections as `serve`
         )
 
 

@@ -79,8 +79,10 @@ def configure_logging(level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(numeric)
     for name in ("uvicorn", "uvicorn.error"):
-        logging.getLogger(name).handlers[:] = []
-        logging.getLogger(name).propagate = True
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+        logger.setLevel(logging.NOTSET)  # our level decides, whatever uvicorn's config set before
     # Our middleware writes one access line per request, with the request id; uvicorn's would
     # be a second, id-less copy. (Its WebSocket lines come through "uvicorn.error", redacted.)
     logging.getLogger("uvicorn.access").disabled = True

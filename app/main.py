@@ -10,7 +10,6 @@ from typing import Any
 
 import structlog
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
 
@@ -22,12 +21,17 @@ from app.errors import install_error_handlers
 from app.limits import AuthFailureLimiter, UpstreamSlots, create_gate
 from app.logging import configure_logging
 from app.metrics import Metrics
-from app.middleware import RequestContextMiddleware, UnexpectedErrorMiddleware
+from app.middleware import (
+    LiveOriginsCORSMiddleware,
+    RequestContextMiddleware,
+    UnexpectedErrorMiddleware,
+)
 from app.redis import open_redis
 from app.redis_outage import RedisOutage
 from app.settings import Settings
 from app.state import AppState
 from app.tenancy.authenticator import Authenticator
+from app.tenancy.origins import request_origin
 from app.tenancy.store import create_store
 from app.upstream.catalog import RuntimeCatalog
 from app.upstream.pool import PistonPool
@@ -199,21 +203,28 @@ def create_app(
     # Added innermost first: errors -> CORS -> request context (outermost), so that every
     # answer, a 500 included, carries X-Request-ID and the CORS headers.
     app.add_middleware(UnexpectedErrorMiddleware)
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
-            allow_headers=[
-                "Authorization",
-                "X-API-Key",
-                "Content-Type",
-                "Cache-Control",
-                "X-Request-ID",
-            ],
-            expose_headers=EXPOSED_HEADERS,
-            max_age=600,
-        )
+
+    def live_origin(origin: str) -> bool:
+        # A browser key's origin, live now (minted, not revoked, not expired) on any replica.
+        state: AppState | None = getattr(app.state, "gateway", None)
+        return state is not None and state.authenticator.origins.allows(request_origin(origin))
+
+    # Always installed: a browser key minted at any time needs its preflights answered.
+    app.add_middleware(
+        LiveOriginsCORSMiddleware,
+        live=live_origin,
+        allow_origins=settings.cors_origins,
+        allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
+        allow_headers=[
+            "Authorization",
+            "X-API-Key",
+            "Content-Type",
+            "Cache-Control",
+            "X-Request-ID",
+        ],
+        expose_headers=EXPOSED_HEADERS,
+        max_age=600,
+    )
     app.add_middleware(
         RequestContextMiddleware,
         metrics=metrics,

@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import structlog
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,6 +29,7 @@ from app.metrics import Metrics
 
 __all__ = [
     "BodyRefused",
+    "LiveOriginsCORSMiddleware",
     "RequestContextMiddleware",
     "UnexpectedErrorMiddleware",
     "json_response",
@@ -233,3 +236,26 @@ class UnexpectedErrorMiddleware:
                 }
             )
             await send({"type": "http.response.body", "body": body})
+
+
+class LiveOriginsCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS for `GATEWAY_CORS_ORIGINS`, and also for every origin of a live browser
+    key: `live(origin)` answers from the process's in-memory origin set (kept by the key cache's
+    pub/sub), so a preflight never waits on Redis. Matching a key's origin compares the
+    normalized forms (case, default port); the answer echoes the request's Origin as sent."""
+
+    def __init__(self, app: ASGIApp, /, *, live: Callable[[str], bool], **options: Any) -> None:
+        super().__init__(app, **options)
+        self._live = live
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # No Origin, nothing to add: the hot path (server-side clients) skips the header work.
+        if scope["type"] != "http" or not any(
+            name == b"origin" for name, _ in scope.get("headers", ())
+        ):
+            await self.app(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+    def is_allowed_origin(self, origin: str) -> bool:
+        return super().is_allowed_origin(origin) or self._live(origin)

@@ -27,7 +27,7 @@ from starlette.responses import Response
 
 from app.cache.keys import CacheMode, cache_digest, cache_key, cache_mode
 from app.errors import BadRequest, GatewayError
-from app.limits.gate import Admission
+from app.limits.gate import Admission, ClientLimit
 from app.limits.slots import Reservation
 from app.policy import effective_caps, effective_request
 from app.protocol.errors import InvalidRequest
@@ -151,7 +151,15 @@ def plan(
 class _Admitting:
     """`async with admit(...)`: a class rather than a generator, the hot path's cheaper form."""
 
-    __slots__ = ("_admission", "_cache_key", "_cost", "_lease_ttl_ms", "_state", "_tenant")
+    __slots__ = (
+        "_admission",
+        "_cache_key",
+        "_client",
+        "_cost",
+        "_lease_ttl_ms",
+        "_state",
+        "_tenant",
+    )
 
     def __init__(
         self,
@@ -161,9 +169,11 @@ class _Admitting:
         cache_key: str | None,
         lease_ttl_ms: int,
         cost: int,
+        client: ClientLimit | None,
     ) -> None:
         self._state, self._tenant = state, tenant
         self._cache_key, self._lease_ttl_ms, self._cost = cache_key, lease_ttl_ms, cost
+        self._client = client
         self._admission: Admission | None = None
 
     async def __aenter__(self) -> Admission:
@@ -172,6 +182,7 @@ class _Admitting:
             cache_key=self._cache_key,
             lease_ttl_ms=self._lease_ttl_ms,
             cost=self._cost,
+            client=self._client,
         )
         return self._admission
 
@@ -207,12 +218,14 @@ def admit(
     cost: int = 1,
     lease_ttl_ms: int | None = None,
     read_cache: bool = True,
+    client: ClientLimit | None = None,
 ) -> _Admitting:
     """Count the request against the tenant's limits and read its cache entry, in one round trip.
 
     Refuses with 429 (rate limit, quota, concurrency) or 503 (Redis unreachable, failing
     closed). A batch is `cost` executions at once with one lease of `lease_ttl_ms` (default:
     the plan's), and reads no entry here (`read_cache=False`): each case reads its own.
+    `client`: a browser key's per-visitor limit, counted in the same round trip.
     """
     return _Admitting(
         state,
@@ -220,6 +233,7 @@ def admit(
         cache_key=planned.cache.lookup_key if read_cache else None,
         lease_ttl_ms=lease_ttl_ms or planned.lease_ttl_ms,
         cost=cost,
+        client=client,
     )
 
 

@@ -22,6 +22,7 @@ from redis.backoff import NoBackoff
 from app.settings import RedisSentinelSettings, sentinel_address
 
 __all__ = [
+    "BROWSER_KEYS",
     "CACHE",
     "CHANNEL_INVALIDATE",
     "CONCURRENCY",
@@ -62,6 +63,8 @@ USAGE: Final = ROOT + "usage:"  # pgw:usage:<tenant>:<YYYY-MM-DD> -> hash of cou
 CACHE: Final = ROOT + "cache:"  # pgw:cache:<sha256 of the effective request> -> answer bytes
 FLIGHT: Final = ROOT + "flight:"  # pgw:flight:<cache digest> -> single-flight lock
 CHANNEL_INVALIDATE: Final = ROOT + "invalidate"  # pub/sub: key and tenant changes
+# Browser keys: pgw:browser-keys -> hash of <sha256 of the key> -> {"origins", "expires_at"}
+BROWSER_KEYS: Final = ROOT + "browser-keys"
 FLIGHT_PATTERN: Final = FLIGHT + "*"  # PSUBSCRIBE: every flight's wake-up channel
 
 

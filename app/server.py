@@ -174,7 +174,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """The uvicorn.run() options that bound connections, for `serve`."""
+    """The uvicorn.run() options that bound connections and messages, for `serve` and `dev`."""
     limits = ConnectionLimits(
         header_timeout=settings.header_timeout_seconds,
         body_timeout=settings.body_timeout_seconds,
@@ -183,4 +183,5 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     return {
         "http": functools.partial(GatewayHttpProtocol, limits=limits),
         "timeout_keep_alive": settings.keepalive_seconds,
+        "ws_max_size": settings.max_body_bytes,  # a WebSocket message is held to the body bound
     }

@@ -83,7 +83,6 @@ class Settings(BaseSettings):
     # Upstream behaviour.
     upstream_grace_ms: NonNegative = 2_000
     upstream_connect_timeout_ms: Positive = 2_000
-    runtimes_refresh_seconds: Positive = 60
     key_cache_seconds: Positive = 30
 
     # HTTP surface.

@@ -410,10 +410,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="a tiny load, to check the harness")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--redis-floors",
+        action="store_true",
+        help="only the Redis client micro-floors (bench/redis_floors.py), not the gateway figures",
+    )
     args = parser.parse_args()
-    results = run(args.smoke)
+    from bench import redis_floors
+
+    results = {"smoke": args.smoke} if args.redis_floors else run(args.smoke)
+    results["redis_floors"] = redis_floors.run(args.smoke, wrk=wrk, uvicorn_app=uvicorn_app)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(report(results))  # noqa: T201
+    if not args.redis_floors:
+        print(report(results))  # noqa: T201
+    print("\nRedis clients, the real admit script (a cache hit):")  # noqa: T201
+    print(redis_floors.report(results["redis_floors"]))  # noqa: T201
     print(f"\nwritten to {args.out}")  # noqa: T201
 
 

@@ -14,6 +14,7 @@ tools=(
   "gcc gcc"                   # C jobs in the engine's tests
   "g++ g++"                   # C++ jobs in the engine's tests
   "wrk wrk"                   # the bench smoke test drives load with wrk
+  "chromium chromium"         # the real-browser test of browser keys (Playwright drives it)
   "make make"
   "python3.11 python3"        # the project's interpreter (Debian 12's python3 is 3.11)
 )

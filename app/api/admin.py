@@ -158,7 +158,12 @@ async def mint_key(tenant_id: str, request: Request, state: StateDep) -> MintedK
     """Mint a key; the answer's `key` is shown this once and never again."""
     fields = await _body(request, KeyCreate, optional=True) or KeyCreate()
     key, secret = await state.store.create_key(
-        tenant_id, name=fields.name, scopes=fields.scopes, expires_at=fields.expires_at
+        tenant_id,
+        name=fields.name,
+        scopes=fields.scopes,
+        expires_at=fields.expires_at,
+        allowed_origins=fields.allowed_origins,
+        client_rate_limit=fields.client_rate_limit,
     )
     return MintedKey.model_validate({**key.model_dump(), "hash": key.hash, "key": secret})
 

@@ -32,7 +32,14 @@ import orjson
 from fastapi import Request
 from starlette.responses import Response
 
-from app.api.deps import AppState, get_state, keyed_router, principal_of, with_trailing_slash
+from app.api.deps import (
+    AppState,
+    client_limit,
+    get_state,
+    keyed_router,
+    principal_of,
+    with_trailing_slash,
+)
 from app.batch import BatchRequest, CaseResult, answer_json, parse_batch, stops_batch, verdict
 from app.errors import GatewayError, message_responses
 from app.middleware import json_response, read_json_body
@@ -387,7 +394,13 @@ async def batch(request: Request) -> Response:
     # The lease must outlive the whole batch: the first case, then rounds of `concurrency`.
     rounds = 1 + math.ceil((count - 1) / concurrency)
     async with admit(
-        state, tenant, base, cost=count, lease_ttl_ms=base.lease_ttl_ms * rounds, read_cache=False
+        state,
+        tenant,
+        base,
+        cost=count,
+        lease_ttl_ms=base.lease_ttl_ms * rounds,
+        read_cache=False,
+        client=client_limit(request, principal),
     ) as admission:
         results = await run.run_all(concurrency, admission)
     return json_response(

@@ -1,8 +1,10 @@
 """What routes depend on: the caller (auth by default), the app's state, the route registrars.
 
 `authorize(connection, scope)` is the one check of a key, for HTTP and WebSocket alike: 401 for a
-missing, unknown, revoked or expired key (one answer for all), 403 for a key without `scope`,
-429 for an address past its failed attempts. A router made by `keyed_router(scope=...)` runs it
+missing, unknown, revoked or expired key (one answer for all), 403 for a key without `scope` (or,
+on HTTP, a browser key from an origin it does not allow), 429 for an address past its failed
+attempts. The WebSocket checks a browser key's origin itself (`check_origin`), since its refusal
+is an `error` message and a close, not a 403. A router made by `keyed_router(scope=...)` runs it
 before anything else of every route it holds (before the body, the path parameters and any
 dependency), so a route added later is protected without anyone remembering to. It runs as a
 plain call rather than a FastAPI dependency: on a cache hit, resolving dependencies cost a fifth
@@ -21,15 +23,19 @@ from starlette.responses import Response
 
 from app.errors import Forbidden, Unauthorized
 from app.limits.failures import client_address
+from app.limits.gate import ClientLimit
 from app.state import AppState, StateDep, get_state
 from app.tenancy.keys import key_from_headers
 from app.tenancy.models import Principal
+from app.tenancy.origins import request_origin
 
 __all__ = [
     "AppState",
     "PrincipalDep",
     "StateDep",
     "authorize",
+    "check_origin",
+    "client_limit",
     "get_state",
     "keyed_router",
     "principal_of",
@@ -46,6 +52,13 @@ def _presented_key(connection: HTTPConnection) -> str | None:
     return key
 
 
+def _client_address(connection: HTTPConnection, state: AppState) -> str:
+    host = connection.client.host if connection.client is not None else "unknown"
+    return client_address(
+        host, connection.headers.get("x-forwarded-for"), state.settings.trusted_proxies
+    )
+
+
 async def _identify(connection: HTTPConnection, state: AppState, key: str) -> Principal | None:
     """The Principal for `key`, or None.
 
@@ -54,13 +67,33 @@ async def _identify(connection: HTTPConnection, state: AppState, key: str) -> Pr
     """
     principal = await state.authenticator.principal_for(key)
     if principal is None:
-        host = connection.client.host if connection.client is not None else "unknown"
-        address = client_address(
-            host, connection.headers.get("x-forwarded-for"), state.settings.trusted_proxies
-        )
+        address = _client_address(connection, state)
         state.auth_failures.check(address)
         await state.auth_failures.failed(address)
     return principal
+
+
+def check_origin(principal: Principal, origin: str | None) -> None:
+    """403 unless a browser key comes from one of its origins (`origin`: the Origin header)."""
+    allowed = principal.allowed_origins
+    if allowed is None:
+        return
+    if origin is None:
+        raise Forbidden(
+            "this key is a browser key: it only works from its allowed origins, and the "
+            "request has no Origin header"
+        )
+    if request_origin(origin) not in allowed:
+        raise Forbidden(f"origin '{origin}' is not allowed for this key")
+
+
+def client_limit(connection: HTTPConnection, principal: Principal) -> ClientLimit | None:
+    """The key's `client_rate_limit` for this client's address (X-Forwarded-For only from a
+    trusted proxy), counted per key and address; None for a key without one."""
+    if principal.client_rate_limit is None:
+        return None
+    address = _client_address(connection, get_state(connection))
+    return ClientLimit(principal.client_rate_limit, f"{principal.key_id}/{address}")
 
 
 async def authorize(connection: HTTPConnection, scope: str | None) -> Principal:
@@ -71,6 +104,8 @@ async def authorize(connection: HTTPConnection, scope: str | None) -> Principal:
         raise Unauthorized()
     # The access log names the key by its prefix (app.middleware).
     connection.state.principal = principal
+    if connection.scope["type"] == "http":
+        check_origin(principal, connection.headers.get("origin"))
     if scope is not None and not principal.can(scope):
         raise Forbidden(f"this key lacks the '{scope}' scope")
     return principal

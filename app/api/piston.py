@@ -6,11 +6,12 @@ Every path also answers with a trailing slash (aiopyston calls `execute/`), with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
 import orjson
-from fastapi import Request, WebSocket
+from fastapi import Request, WebSocket, WebSocketDisconnect
 from starlette.responses import Response
 
 from app.api.deps import (
@@ -18,13 +19,15 @@ from app.api.deps import (
     PrincipalDep,
     StateDep,
     authorize,
+    check_origin,
+    client_limit,
     get_state,
     keyed_router,
     principal_of,
     with_trailing_slash,
 )
 from app.errors import GatewayError, ServiceUnavailable, message_responses
-from app.limits import Admission
+from app.limits import Admission, ClientLimit
 from app.limits.slots import Reservation
 from app.middleware import json_response, read_json_body
 from app.pipeline import Plan, admit, answer, plan, run_once
@@ -80,7 +83,8 @@ async def execute(request: Request) -> Response:
         planned = plan(
             principal.tenant, body, request.headers, settings=state.settings, catalog=state.catalog
         )
-        async with admit(state, principal.tenant, planned) as admission:
+        client = client_limit(request, principal)  # a browser key's per-visitor limit, if any
+        async with admit(state, principal.tenant, planned, client=client) as admission:
             result = await run_once(state, planned, admission, reservation=reservation)
     return answer(state, planned, admission, result, started=started)
 
@@ -125,6 +129,15 @@ async def _principal(websocket: WebSocket) -> Principal | None:
         return None
 
 
+def _origin_refusal(websocket: WebSocket, principal: Principal) -> str | None:
+    """Why a browser key may not be used from this handshake's Origin, or None."""
+    try:
+        check_origin(principal, websocket.headers.get("origin"))
+    except GatewayError as exc:
+        return exc.message
+    return None
+
+
 async def _stop(task: asyncio.Task[Any]) -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
@@ -148,7 +161,16 @@ async def connect(websocket: WebSocket) -> None:
         # Nothing has reached the upstream; 1008 is the WebSocket "policy violation" close.
         await close_client(websocket, 1008, "a valid API key with the execute scope is required")
         return
+    refused = _origin_refusal(websocket, principal)
+    if refused is not None:
+        await _stop(first_message)
+        # The reason as an `error` message (a close reason is capped at 123 bytes), then 1008.
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect, OSError):
+            await websocket.send_text(orjson.dumps({"type": "error", "message": refused}).decode())
+        await close_client(websocket, 1008, "origin not allowed for this key")
+        return
     tenant = principal.tenant
+    client = client_limit(websocket, principal)
     try:
         text = await first_message
         first = orjson.loads(text)
@@ -172,7 +194,7 @@ async def connect(websocket: WebSocket) -> None:
         await notify_error(websocket, exc.message)
         return
     try:
-        await _admitted(state, websocket, tenant, first, reservation)
+        await _admitted(state, websocket, tenant, client, first, reservation)
     finally:
         reservation.release()  # unless the relay took a slot with it already
 
@@ -181,13 +203,14 @@ async def _admitted(
     state: AppState,
     websocket: WebSocket,
     tenant: Tenant,
+    client: ClientLimit | None,
     init: dict[str, Any],
     reservation: Reservation,
 ) -> None:
     """The init through the policy and the limiter, then the interactive run."""
     try:
         planned = plan(tenant, init, None, settings=state.settings, catalog=state.catalog)
-        async with admit(state, tenant, planned) as admission:
+        async with admit(state, tenant, planned, client=client) as admission:
             await _interactive(state, websocket, planned, admission, reservation)
     except GatewayError as exc:  # refused: nothing has reached the upstream
         await notify_error(websocket, exc.message)

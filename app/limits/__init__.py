@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 
 from app.cache.store import CacheStore, MemoryCacheStore
 from app.limits.failures import AuthFailureLimiter, client_address
-from app.limits.gate import DEFAULT_LEASE_TTL_MS, USAGE_FIELDS, Admission, Gate
+from app.limits.gate import DEFAULT_LEASE_TTL_MS, USAGE_FIELDS, Admission, ClientLimit, Gate
 from app.limits.memory_gate import MemoryGate
 from app.limits.redis_gate import RedisGate
 from app.limits.slots import UpstreamSlots
@@ -33,6 +33,7 @@ __all__ = [
     "USAGE_FIELDS",
     "Admission",
     "AuthFailureLimiter",
+    "ClientLimit",
     "Gate",
     "MemoryGate",
     "RedisGate",

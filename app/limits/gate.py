@@ -3,7 +3,9 @@
 Policy names in `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers-10):
 - a tenant limit of one window is `"default"` (`"default";q=60;w=60`);
 - several windows are named by their length, `"1second"`, `"1hour"`, `"5minute"`;
-- a tenant's daily quota is listed too, as `"daily"` (`"daily";q=1000;w=86400`).
+- a tenant's daily quota is listed too, as `"daily"` (`"daily";q=1000;w=86400`);
+- a key's `client_rate_limit` (counted per client address) is `"client"` for one window, else
+  `"client-1second"`, `"client-1hour"`..., listed after the tenant's.
 `RateLimit`, `X-RateLimit-Limit`, `-Remaining` and `-Reset` describe the one policy closest to
 exhaustion (fewest remaining; on a tie the one that resets last), so a client that reads only
 those never overruns any of them.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Final, Literal, Protocol
@@ -30,11 +32,13 @@ __all__ = [
     "USAGE_FIELDS",
     "USAGE_TTL_SECONDS",
     "Admission",
+    "ClientLimit",
     "Gate",
     "PolicyState",
     "Refusal",
     "Strategy",
     "Window",
+    "counted_windows",
     "day_end",
     "rate_limit_headers",
     "refusal",
@@ -80,6 +84,14 @@ class Admission:
     cache_hits: int = 0  # a batch's cases answered from the cache
 
 
+@dataclass(frozen=True, slots=True)
+class ClientLimit:
+    """A key's `client_rate_limit`, and who it counts (the key and the client's address)."""
+
+    limit: str
+    identity: str
+
+
 class Gate(Protocol):
     """Per-tenant limits, quota, concurrency leases and usage; admit() also reads the cache."""
 
@@ -90,8 +102,13 @@ class Gate(Protocol):
         cache_key: str | None,
         lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS,
         cost: int = 1,
+        client: ClientLimit | None = None,
     ) -> Admission:
-        """`cost` executions at once (a batch), all or none; still one lease, one cache read."""
+        """`cost` executions at once (a batch), all or none; still one lease, one cache read.
+
+        With `client`, that client's windows are counted too, in the same step: admitted only
+        when the tenant's and the client's windows all allow it.
+        """
         ...
 
     async def finish(
@@ -117,6 +134,9 @@ class Window:
 
     item: RateLimitItem  # the limits library's item, namespaced by strategy (see windows_for)
     name: str  # the policy name in RateLimit-Policy
+    # Who it counts beyond the tenant: () for the tenant's own windows, ("client", identity)
+    # for a key's per-client windows.
+    identity: tuple[str, ...] = ()
 
     @property
     def amount(self) -> int:
@@ -129,22 +149,30 @@ class Window:
     def key(self, tenant_id: str) -> str:
         # The limits library's own key shape, e.g. "fixed-window/acme/60/1/minute"; the strategy
         # as namespace keeps a string counter and a moving-window zset from ever sharing a key.
-        return self.item.key_for(tenant_id)
+        # A client's: "fixed-window/acme/client/<key id>/<address>/10/1/minute".
+        return self.item.key_for(tenant_id, *self.identity)
 
     def describe(self) -> str:
+        if self.identity:
+            return f"{self.item!r} for each client address using this key"
         return repr(self.item)  # "60 per 1 minute"
 
 
 @lru_cache(maxsize=1024)
-def windows_for(limit: str, strategy: Strategy) -> tuple[Window, ...]:
-    """Parse a limit string once (tenants share a handful of strings) into named windows."""
+def windows_for(limit: str, strategy: Strategy, label: str = "default") -> tuple[Window, ...]:
+    """Parse a limit string once (tenants share a handful of strings) into named windows.
+
+    One window is named `label`; several are named by their length, each after `label-` unless
+    the label is the tenant's "default".
+    """
     items = parse_many(limit)
     if len(items) == 1:
-        names = ["default"]
+        names = [label]
     else:
         names = []
+        prefix = "" if label == "default" else f"{label}-"
         for item in items:
-            base = f"{item.multiples}{item.GRANULARITY.name}"
+            base = f"{prefix}{item.multiples}{item.GRANULARITY.name}"
             name, n = base, 2
             while name in names:  # "10/minute;100/minute" is odd but legal
                 name, n = f"{base}-{n}", n + 1
@@ -153,6 +181,17 @@ def windows_for(limit: str, strategy: Strategy) -> tuple[Window, ...]:
         Window(type(item)(item.amount, item.multiples, namespace=strategy), name)
         for item, name in zip(items, names, strict=True)
     )
+
+
+def counted_windows(
+    tenant_limit: str, client: ClientLimit | None, strategy: Strategy
+) -> tuple[Window, ...]:
+    """The tenant's windows, then (with `client`) that client's, as one request counts them."""
+    windows = windows_for(tenant_limit, strategy)
+    if client is None:
+        return windows
+    ours = windows_for(client.limit, strategy, "client")
+    return (*windows, *(replace(w, identity=("client", client.identity)) for w in ours))
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,10 +21,12 @@ from app.limits.gate import (
     DEFAULT_LEASE_TTL_MS,
     MAX_USAGE_DAYS,
     Admission,
+    ClientLimit,
     PolicyState,
     Refusal,
     Strategy,
     UsageCounters,
+    counted_windows,
     day_end,
     quota_message,
     quota_state,
@@ -74,16 +76,21 @@ class MemoryGate:
         cache_key: str | None,
         lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS,
         cost: int = 1,
+        client: ClientLimit | None = None,
     ) -> Admission:
         now = time.time()
         day = utc_day(now)
-        windows = windows_for(tenant.rate_limit or self._default_rate_limit, self._strategy)
+        windows = counted_windows(
+            tenant.rate_limit or self._default_rate_limit, client, self._strategy
+        )
         quota = tenant.daily_quota or 0
         usage = self._usage_for(tenant.id, day)
         cached = self._cache.peek(cache_key) if cache_key else None
         async with self._lock:
             # Read every window first: a refusal by one must not consume the others.
-            allowed = [await self._limiter.test(w.item, tenant.id, cost=cost) for w in windows]
+            allowed = [
+                await self._limiter.test(w.item, tenant.id, *w.identity, cost=cost) for w in windows
+            ]
             quota_used = self._quota.get((tenant.id, day), 0)
             leases = self._live_leases(tenant.id)
             want_lease = bool(tenant.max_concurrency) and cached is None
@@ -96,13 +103,13 @@ class MemoryGate:
                 reason = "concurrency"
             if reason is None:
                 for w in windows:
-                    await self._limiter.hit(w.item, tenant.id, cost=cost)
+                    await self._limiter.hit(w.item, tenant.id, *w.identity, cost=cost)
                 if quota:
                     quota_used += cost
                     self._quota[(tenant.id, day)] = quota_used
             states = []
             for w in windows:
-                stats = await self._limiter.get_window_stats(w.item, tenant.id)
+                stats = await self._limiter.get_window_stats(w.item, tenant.id, *w.identity)
                 states.append(
                     PolicyState(w.name, w.amount, w.seconds, stats.remaining, stats.reset_time)
                 )

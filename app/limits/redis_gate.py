@@ -33,8 +33,10 @@ from app.limits.gate import (
     DEFAULT_LEASE_TTL_MS,
     USAGE_TTL_SECONDS,
     Admission,
+    ClientLimit,
     PolicyState,
     Strategy,
+    counted_windows,
     day_end,
     quota_message,
     quota_state,
@@ -43,7 +45,6 @@ from app.limits.gate import (
     usage_days,
     usage_row,
     utc_day,
-    windows_for,
 )
 from app.metrics import Metrics
 from app.redis import CONCURRENCY, QUOTA, RATE_LIMIT, USAGE
@@ -254,11 +255,18 @@ class RedisGate:
         cache_key: str | None,
         lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS,
         cost: int = 1,
+        client: ClientLimit | None = None,
     ) -> Admission:
-        """Count the request against every limit of `tenant` in one round trip, or raise 429."""
+        """Count the request against every limit of `tenant` in one round trip, or raise 429.
+
+        A `client`'s windows are just more windows of the same script call: every window must
+        allow the request, and an admitted one takes from all of them.
+        """
         now = time.time()
         day = utc_day(now)
-        windows = windows_for(tenant.rate_limit or self._default_rate_limit, self._strategy)
+        windows = counted_windows(
+            tenant.rate_limit or self._default_rate_limit, client, self._strategy
+        )
         quota = tenant.daily_quota or 0
         token = uuid.uuid4().hex
         keys = [

@@ -9,6 +9,12 @@ only `_FALLBACK_TTL_SECONDS`, so a revocation still reaches this process within 
 While Redis itself is unreachable (the process's `RedisOutage`), nothing can be checked: a key
 this process verified within `outage_seconds` keeps working from the cache, and any other key
 is answered 503 (it cannot be checked), never 401 and never 500.
+
+Browser keys: the same channel carries the origins CORS answers for. A mint publishes
+`browser-key:{...}` (added to `origins`), a revoke or tenant delete `key:<sha256>` (removed);
+every (re)subscribe loads the live browser keys once from `pgw:browser-keys`, so no message lost
+while unsubscribed is missed, and no preflight ever reads Redis. A browser key's requests must
+carry one of its origins (`app.api.deps.check_origin`), on HTTP and on the WebSocket alike.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from app import redis as redis_keys
 from app.redis_outage import OUTAGE_ERRORS, REDIS_DEADLINE_S, RedisOutage, RedisUnavailable
 from app.tenancy.keys import hash_key
 from app.tenancy.models import ApiKey, Principal, Tenant
-from app.tenancy.store import MemoryTenantStore, TenantStore
+from app.tenancy.origins import OriginIndex
+from app.tenancy.store import MemoryTenantStore, TenantStore, browser_entry, parse_browser_key
 
 __all__ = ["ADMIN_TENANT_ID", "Authenticator"]
 
@@ -97,6 +104,8 @@ class Authenticator:
         self._listener: asyncio.Task[None] | None = None
         self._stopping = False
         self._channel_lost_logged = False  # one line per loss, not one per reconnect attempt
+        # The live browser keys' origins: the in-process store keeps its own up to date.
+        self.origins = store.origins if isinstance(store, MemoryTenantStore) else OriginIndex()
 
     @property
     def listening(self) -> bool:
@@ -139,11 +148,23 @@ class Authenticator:
         return entry.principal
 
     def invalidate(self, message: str) -> None:
-        """Drop what a `key:<sha256>` or `tenant:<id>` message names; anything else drops all."""
-        self._generation += 1
+        """Drop what a `key:<sha256>` or `tenant:<id>` message names; anything else drops all.
+
+        `browser-key:{...}` (a mint) adds that key's origins to the live set instead.
+        """
         kind, _, value = message.partition(":")
+        if kind == "browser-key":
+            try:
+                digest, entry = parse_browser_key(value)
+            except (ValueError, KeyError, TypeError):
+                log.warning("browser_key_message_unreadable")
+                return
+            self.origins.add(digest, entry)
+            return
+        self._generation += 1
         if kind == "key":
             self._cache.pop(value, None)
+            self.origins.remove(value)
         elif kind == "tenant":
             for digest in [
                 d for d, entry in self._cache.items() if entry.principal.tenant.id == value
@@ -202,11 +223,23 @@ class Authenticator:
         if tenant is None:
             return None
         principal = Principal(
-            tenant=tenant, key_id=key.id, key_prefix=key.prefix, scopes=frozenset(key.scopes)
+            tenant=tenant,
+            key_id=key.id,
+            key_prefix=key.prefix,
+            scopes=frozenset(key.scopes),
+            allowed_origins=(
+                frozenset(key.allowed_origins) if key.allowed_origins is not None else None
+            ),
+            client_rate_limit=key.client_rate_limit,
         )
         entry = _Entry(key=key, principal=principal, fetched_at=fetched_at)
         if self._caching and generation == self._generation and key.usable():
             self._cache[digest] = entry
+            browser = browser_entry(key)
+            if browser is not None:
+                # Verified live just now: its answers carry CORS headers even if this request
+                # beat the mint's message here (the generation check keeps a revoke's out).
+                self.origins.add(digest, browser)
             if len(self._cache) > _CACHE_MAX_ENTRIES:
                 self._cache.popitem(last=False)
         return entry
@@ -248,6 +281,8 @@ class Authenticator:
                 self._generation += 1
                 for digest, entry in list(self._cache.items()):
                     self._cache[digest] = replace(entry, stale=True)
+                # Subscribed first, loaded second: a mint after this is heard, one before is read.
+                self.origins.replace(await self._store.browser_keys())
             elif kind in (b"message", "message"):
                 data = message["data"]
                 self.invalidate(data.decode() if isinstance(data, bytes) else str(data))

@@ -24,7 +24,8 @@ from app.policy import check_tenant_caps
 from app.redis import open_redis
 from app.settings import Settings
 from app.tenancy.keys import parse_duration
-from app.tenancy.models import ApiKey, Scope, Tenant, TenantCreate
+from app.tenancy.models import ApiKey, Scope, Tenant, TenantCreate, check_rate_limit
+from app.tenancy.origins import normalize_origins
 from app.tenancy.store import RedisTenantStore
 
 __all__ = ["keys_app", "tenants_app"]
@@ -272,6 +273,21 @@ def create_key(
     expires_in: Annotated[
         str | None, typer.Option(help="Lifetime: 30d, 12h, 90m, 45s or 2w (default: never).")
     ] = None,
+    origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--origin",
+            metavar="URL",
+            help="Make a browser key that works only from this origin (scheme://host[:port]);"
+            " repeat for several.",
+        ),
+    ] = None,
+    client_rate_limit: Annotated[
+        str | None,
+        typer.Option(
+            metavar="LIMIT", help="Limit each client address using the key, e.g. 10/minute."
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Mint a key for TENANT and print it: this is the only time it is shown."""
@@ -279,9 +295,25 @@ def create_key(
         expires_at = datetime.now(UTC) + parse_duration(expires_in) if expires_in else None
     except ValueError as exc:
         raise _fail(f"--expires-in: {exc}") from None
+    try:
+        origins = normalize_origins(origin) if origin else None
+    except ValueError as exc:
+        raise _fail(f"--origin: {exc}") from None
+    if client_rate_limit is not None:
+        try:
+            check_rate_limit(client_rate_limit)
+        except ValueError as exc:
+            raise _fail(f"--client-rate-limit: {exc}") from None
     scopes: list[Scope] = ["execute", "admin"] if admin else ["execute"]
     key, secret = _run(
-        lambda store: store.create_key(tenant_id, name=name, scopes=scopes, expires_at=expires_at)
+        lambda store: store.create_key(
+            tenant_id,
+            name=name,
+            scopes=scopes,
+            expires_at=expires_at,
+            allowed_origins=origins,
+            client_rate_limit=client_rate_limit,
+        )
     )
     if as_json:
         _echo_json({**key.model_dump(mode="json"), "key": secret})

@@ -10,6 +10,8 @@ from limits import RateLimitItem, parse_many
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_serializer, field_validator
 from pydantic_core import PydanticCustomError
 
+from app.tenancy.origins import normalize_origins
+
 __all__ = [
     "MAX_INTEGER",
     "TENANT_ID_PATTERN",
@@ -189,6 +191,9 @@ class ApiKey(BaseModel):
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     expires_at: datetime | None = None
     revoked: bool = False
+    # A browser key's origins (normalized) and per-client limit; None for an ordinary key.
+    allowed_origins: list[str] | None = None
+    client_rate_limit: str | None = None
     hash: str = Field(exclude=True, repr=False)
 
     @field_serializer("created_at", "expires_at")
@@ -209,12 +214,45 @@ class KeyCreate(BaseModel):
     name: str | None = Field(default=None, max_length=200)
     scopes: list[Scope] = Field(default_factory=lambda: _default_scopes(), min_length=1)
     expires_at: datetime | None = None
+    allowed_origins: list[Annotated[str, _Strict]] | None = Field(
+        default=None,
+        description="Makes a browser key: it works only from these origins (scheme://host[:port])"
+        " and CORS answers them.",
+        examples=[["https://app.example.com", "http://localhost:5173"]],
+    )
+    client_rate_limit: Annotated[str, _Strict] | None = Field(
+        default=None,
+        description="Limits each client address using the key, on top of the tenant's rate_limit"
+        " (the limits syntax).",
+        examples=["10/minute"],
+    )
 
     @field_validator("name")
     @classmethod
     def _no_nul(cls, value: str | None) -> str | None:
         if value is not None and "\x00" in value:
             raise _invalid("must not contain a NUL character")
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        try:
+            return normalize_origins(value)
+        except ValueError as exc:
+            raise _invalid(str(exc)) from None
+
+    @field_validator("client_rate_limit")
+    @classmethod
+    def _client_limit(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            check_rate_limit(value)
+        except ValueError as exc:
+            raise _invalid(str(exc)) from None
         return value
 
     @field_validator("scopes")
@@ -243,6 +281,10 @@ class Principal(BaseModel):
     key_id: str
     key_prefix: str
     scopes: frozenset[str]
+    # From the key: a browser key's normalized origins (None: any or no Origin) and the limit
+    # of each client address using it (None: only the tenant's limits).
+    allowed_origins: frozenset[str] | None = None
+    client_rate_limit: str | None = None
 
     def can(self, scope: str) -> bool:
         return scope in self.scopes

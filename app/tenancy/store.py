@@ -6,10 +6,14 @@ Redis layout (prefixes from `app.redis`):
 - `pgw:tenant:<id>` tenant JSON; `pgw:tenants` the set of tenant ids
 - `pgw:key:<sha256>` key JSON (hash, prefix, scopes, never the key itself)
 - `pgw:keyid:<key id>` the sha256 of that key; `pgw:tenant-keys:<tenant>` the tenant's key ids
+- `pgw:browser-keys` hash: sha256 -> `{"origins", "expires_at"}` of every unrevoked browser key,
+  what a gateway process loads when it (re)subscribes, so CORS never scans Redis
 
 Every write runs in MULTI/EXEC (with WATCH where it reads first) and publishes `key:<sha256>` or
 `tenant:<id>` on `pgw:invalidate` inside the same transaction, so a process caching lookups hears
-of a change exactly when it becomes visible.
+of a change exactly when it becomes visible. Minting a browser key also publishes
+`browser-key:{"digest", "origins", "expires_at"}`, so every process answers CORS for its origins;
+`key:<sha256>` (revoke, tenant delete) takes them away again.
 
 Given the process's `RedisOutage` (the gateway does; the CLI reports Redis errors itself), every
 call is answered 503 while Redis is unreachable, at once once the outage is known, never 500.
@@ -32,14 +36,18 @@ from app.errors import Conflict, NotFound
 from app.redis_outage import OUTAGE_ERRORS, RedisOutage, RedisUnavailable
 from app.tenancy.keys import generate_key, generate_key_id, hash_key, key_prefix
 from app.tenancy.models import ApiKey, Scope, Tenant, TenantCreate, TenantUpdate
+from app.tenancy.origins import BrowserKey, OriginIndex
 
 __all__ = [
     "MemoryTenantStore",
     "RedisTenantStore",
     "TenantStore",
+    "browser_entry",
+    "browser_key_message",
     "create_store",
     "invalidation_for_key",
     "invalidation_for_tenant",
+    "parse_browser_key",
 ]
 
 _T = TypeVar("_T")
@@ -62,10 +70,13 @@ class TenantStore(Protocol):
         name: str | None = None,
         scopes: list[Scope] | None = None,
         expires_at: datetime | None = None,
+        allowed_origins: list[str] | None = None,
+        client_rate_limit: str | None = None,
     ) -> tuple[ApiKey, str]: ...
     async def list_keys(self, tenant_id: str) -> list[ApiKey]: ...
     async def revoke_key(self, key_id: str) -> ApiKey: ...
     async def key_by_hash(self, digest: str) -> ApiKey | None: ...
+    async def browser_keys(self) -> dict[str, BrowserKey]: ...
 
 
 def invalidation_for_key(digest: str) -> str:
@@ -74,6 +85,36 @@ def invalidation_for_key(digest: str) -> str:
 
 def invalidation_for_tenant(tenant_id: str) -> str:
     return f"tenant:{tenant_id}"
+
+
+def browser_entry(key: ApiKey) -> BrowserKey | None:
+    """What CORS needs of a browser key (None for an ordinary key)."""
+    if key.allowed_origins is None:
+        return None
+    expires = key.expires_at.timestamp() if key.expires_at is not None else None
+    return BrowserKey(frozenset(key.allowed_origins), expires)
+
+
+def _dumpbrowser_entry(entry: BrowserKey) -> bytes:
+    return orjson.dumps({"origins": sorted(entry.origins), "expires_at": entry.expires_at})
+
+
+def _loadbrowser_entry(raw: bytes | str) -> BrowserKey:
+    data = orjson.loads(raw)
+    expires = data.get("expires_at")
+    return BrowserKey(frozenset(data["origins"]), None if expires is None else float(expires))
+
+
+def browser_key_message(digest: str, entry: BrowserKey) -> str:
+    """The `browser-key:` message a mint publishes: the key's digest, origins and expiry."""
+    body = {"digest": digest, "origins": sorted(entry.origins), "expires_at": entry.expires_at}
+    return "browser-key:" + orjson.dumps(body).decode()
+
+
+def parse_browser_key(payload: str) -> tuple[str, BrowserKey]:
+    """What follows `browser-key:`; ValueError (or KeyError, TypeError) if malformed."""
+    data = orjson.loads(payload)
+    return str(data["digest"]), _loadbrowser_entry(payload)
 
 
 def _tenant_exists(tenant_id: str) -> NotFound:
@@ -97,7 +138,13 @@ def _patched(tenant: Tenant, patch: TenantUpdate) -> Tenant:
 
 
 def _new_key(
-    tenant_id: str, *, name: str | None, scopes: list[Scope] | None, expires_at: datetime | None
+    tenant_id: str,
+    *,
+    name: str | None,
+    scopes: list[Scope] | None,
+    expires_at: datetime | None,
+    allowed_origins: list[str] | None,
+    client_rate_limit: str | None,
 ) -> tuple[ApiKey, str]:
     secret = generate_key()
     key = ApiKey(
@@ -108,6 +155,8 @@ def _new_key(
         scopes=list(dict.fromkeys(scopes)) if scopes else ["execute"],
         created_at=datetime.now(UTC),
         expires_at=expires_at.astimezone(UTC) if expires_at is not None else None,
+        allowed_origins=allowed_origins,
+        client_rate_limit=client_rate_limit,
         hash=hash_key(secret),
     )
     return key, secret
@@ -258,6 +307,7 @@ class RedisTenantStore:
                 pipe.delete(redis_keys.KEY_BY_ID + key_id)
                 if digest is not None:
                     pipe.delete(redis_keys.KEY + _text(digest))
+                    pipe.hdel(redis_keys.BROWSER_KEYS, _text(digest))
                     pipe.publish(redis_keys.CHANNEL_INVALIDATE, invalidation_for_key(_text(digest)))
             pipe.publish(redis_keys.CHANNEL_INVALIDATE, invalidation_for_tenant(tenant_id))
 
@@ -272,9 +322,19 @@ class RedisTenantStore:
         name: str | None = None,
         scopes: list[Scope] | None = None,
         expires_at: datetime | None = None,
+        allowed_origins: list[str] | None = None,
+        client_rate_limit: str | None = None,
     ) -> tuple[ApiKey, str]:
-        key, secret = _new_key(tenant_id, name=name, scopes=scopes, expires_at=expires_at)
+        key, secret = _new_key(
+            tenant_id,
+            name=name,
+            scopes=scopes,
+            expires_at=expires_at,
+            allowed_origins=allowed_origins,
+            client_rate_limit=client_rate_limit,
+        )
         tenant_key = redis_keys.TENANT + tenant_id
+        browser = browser_entry(key)
 
         async def body(pipe: Pipeline) -> None:
             # Watching the tenant makes "it exists" and "the key is written" one atomic fact.
@@ -286,6 +346,9 @@ class RedisTenantStore:
             pipe.sadd(redis_keys.TENANT_KEYS + tenant_id, key.id)
             # Published although nothing cached it yet, so no process keeps a stale negative.
             pipe.publish(redis_keys.CHANNEL_INVALIDATE, invalidation_for_key(key.hash))
+            if browser is not None:
+                pipe.hset(redis_keys.BROWSER_KEYS, key.hash, _dumpbrowser_entry(browser))
+                pipe.publish(redis_keys.CHANNEL_INVALIDATE, browser_key_message(key.hash, browser))
 
         await self._transaction(body, tenant_key)
         return key, secret
@@ -322,6 +385,7 @@ class RedisTenantStore:
             key = _load_key(raw).model_copy(update={"revoked": True})
             _begin(pipe)
             pipe.set(record, _dump_key(key))
+            pipe.hdel(redis_keys.BROWSER_KEYS, key.hash)
             pipe.publish(redis_keys.CHANNEL_INVALIDATE, invalidation_for_key(key.hash))
             return key
 
@@ -331,6 +395,20 @@ class RedisTenantStore:
     async def key_by_hash(self, digest: str) -> ApiKey | None:
         raw = await self._redis.get(redis_keys.KEY + digest)
         return None if raw is None else _load_key(raw)
+
+    @_guarded
+    async def browser_keys(self) -> dict[str, BrowserKey]:
+        """Every unexpired, unrevoked browser key's origins (read once per (re)subscribe).
+
+        Expired entries found on the way are deleted: their keys can never be live again.
+        """
+        raw = await self._redis.hgetall(redis_keys.BROWSER_KEYS)
+        now = datetime.now(UTC).timestamp()
+        entries = {_text(digest): _loadbrowser_entry(value) for digest, value in raw.items()}
+        expired = [digest for digest, entry in entries.items() if not entry.live(now)]
+        if expired:
+            await self._redis.hdel(redis_keys.BROWSER_KEYS, *expired)
+        return {digest: entry for digest, entry in entries.items() if entry.live(now)}
 
 
 class MemoryTenantStore:
@@ -344,6 +422,8 @@ class MemoryTenantStore:
         self._tenants: dict[str, Tenant] = {}
         self._keys: dict[str, ApiKey] = {}  # by sha256
         self._key_ids: dict[str, str] = {}  # key id -> sha256
+        # The live browser keys' origins, kept as keys change (the authenticator reads this one).
+        self.origins = OriginIndex()
 
     async def create_tenant(self, data: TenantCreate) -> Tenant:
         if data.id in self._tenants:
@@ -373,6 +453,7 @@ class MemoryTenantStore:
             if key.tenant == tenant_id:
                 del self._keys[digest]
                 del self._key_ids[key.id]
+                self.origins.remove(digest)
 
     async def create_key(
         self,
@@ -381,12 +462,24 @@ class MemoryTenantStore:
         name: str | None = None,
         scopes: list[Scope] | None = None,
         expires_at: datetime | None = None,
+        allowed_origins: list[str] | None = None,
+        client_rate_limit: str | None = None,
     ) -> tuple[ApiKey, str]:
         if tenant_id not in self._tenants:
             raise _tenant_exists(tenant_id)
-        key, secret = _new_key(tenant_id, name=name, scopes=scopes, expires_at=expires_at)
+        key, secret = _new_key(
+            tenant_id,
+            name=name,
+            scopes=scopes,
+            expires_at=expires_at,
+            allowed_origins=allowed_origins,
+            client_rate_limit=client_rate_limit,
+        )
         self._keys[key.hash] = key
         self._key_ids[key.id] = key.hash
+        browser = browser_entry(key)
+        if browser is not None:
+            self.origins.add(key.hash, browser)
         return key, secret
 
     async def list_keys(self, tenant_id: str) -> list[ApiKey]:
@@ -400,10 +493,19 @@ class MemoryTenantStore:
             raise NotFound(f"key '{key_id}' does not exist")
         key = self._keys[digest].model_copy(update={"revoked": True})
         self._keys[digest] = key
+        self.origins.remove(digest)
         return key
 
     async def key_by_hash(self, digest: str) -> ApiKey | None:
         return self._keys.get(digest)
+
+    async def browser_keys(self) -> dict[str, BrowserKey]:
+        now = datetime.now(UTC).timestamp()
+        return {
+            digest: entry
+            for digest, key in self._keys.items()
+            if not key.revoked and (entry := browser_entry(key)) is not None and entry.live(now)
+        }
 
 
 def create_store(redis: Redis | None, *, outage: RedisOutage | None = None) -> TenantStore:

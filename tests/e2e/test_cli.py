@@ -196,6 +196,35 @@ class TestKeys:
         response = httpx.get(f"{server.url}/admin/tenants", headers={"X-API-Key": minted["key"]})
         assert response.status_code == 200
 
+    def test_browser_key(self, server: Service, redis_url: str) -> None:
+        ok("tenants", "create", "cli-browser", redis_url=redis_url)
+        minted = json.loads(
+            ok(
+                "keys",
+                "create",
+                "cli-browser",
+                "--origin",
+                "https://App.example.com:443",
+                "--origin",
+                "http://localhost:5173",
+                "--client-rate-limit",
+                "10/minute",
+                "--json",
+                redis_url=redis_url,
+            )
+        )
+        assert minted["allowed_origins"] == ["https://app.example.com", "http://localhost:5173"]
+        assert minted["client_rate_limit"] == "10/minute"
+        auth = {"Authorization": f"Bearer {minted['key']}"}
+        url = f"{server.url}/api/v2/runtimes"
+        assert httpx.get(url, headers=auth).status_code == 403
+        local = httpx.get(url, headers={**auth, "Origin": "http://localhost:5173"})
+        assert local.status_code == 200
+        assert local.headers["access-control-allow-origin"] == "http://localhost:5173"
+        ordinary = json.loads(ok("keys", "create", "cli-browser", "--json", redis_url=redis_url))
+        assert ordinary["allowed_origins"] is None
+        assert ordinary["client_rate_limit"] is None
+
     def test_api_minted_key_listed_by_cli(self, server: Service, redis_url: str) -> None:
         httpx.post(f"{server.url}/admin/tenants", json={"id": "api-keys"}, headers=ADMIN)
         minted = httpx.post(
@@ -210,6 +239,10 @@ class TestKeys:
             (("keys", "create", "cli-keys", "--expires-in", "soon"), "--expires-in"),
             (("keys", "create", "cli-keys", "--expires-in", "99999999d"), "100 years"),
             (("keys", "create", "cli-keys", "--expires-in", "9" * 30 + "w"), "100 years"),
+            (("keys", "create", "cli-keys", "--origin", "app.example.com"), "--origin"),
+            (("keys", "create", "cli-keys", "--origin", "https://a.example/x"), "not an origin"),
+            (("keys", "create", "cli-keys", "--client-rate-limit", "lots"), "--client-rate-limit"),
+            (("keys", "create", "cli-keys", "--client-rate-limit", "0/minute"), "allows no"),
             (("keys", "list", "nobody"), "tenant 'nobody' does not exist"),
             (
                 ("keys", "revoke", "key_0000000000000000"),

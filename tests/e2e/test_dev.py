@@ -41,6 +41,12 @@ def test_dev_prints_a_key_that_runs_code(tmp_path: Path) -> None:
         assert answer.json()["run"]["stdout"] == "42\n"
         ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).json()
         assert ready["upstreams"][0]["url"] == f"http://127.0.0.1:{engine_port}"
+        # dev serves with the same connection bounds as `serve`: a 100 KiB head is refused.
+        huge = httpx.get(
+            f"http://127.0.0.1:{port}/healthz", headers={"X-Big": "a" * 100_000}, timeout=10
+        )
+        assert huge.status_code == 431, huge.text
+        assert "message" in huge.json()
     finally:
         proc.terminate()
         proc.wait(timeout=20)

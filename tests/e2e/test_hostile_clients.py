@@ -219,7 +219,9 @@ class TestBodies:
     def test_a_chunked_body_over_the_cap_is_cut_off_on_an_admin_route(
         self, gateway: tuple[Service, str]
     ) -> None:
-        """Counted as the route reads it, FastAPI's own body parsing included (no length)."""
+        """Counted as the route reads it (no length given). Admin bodies have their own, tighter
+        cap (16 KiB, app/api/admin.py); which cap speaks depends on how the chunks arrive
+        together (one read past 64 KiB meets the global cap first), and both are a 413."""
         service, _ = gateway
         with connect(service) as sock:
             sock.sendall(
@@ -230,11 +232,13 @@ class TestBodies:
                 ).encode()
             )
             piece = b"[" + b"1," * 8000
-            for _ in range(10):  # 160 KB in all, past the 64 KiB cap
+            for _ in range(10):  # 160 KB in all, past both caps
                 sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
             status, _, body = read_answer(sock)
         assert status == 413
-        assert "65536" in message_of(body)
+        assert message_of(body) in {
+            f"request body is larger than the limit of {cap} bytes" for cap in (16384, 65536)
+        }
 
     def test_a_slow_body_gets_408_and_is_disconnected(self, gateway: tuple[Service, str]) -> None:
         service, key = gateway

@@ -57,9 +57,13 @@ async def _conversation(
     A dict goes as JSON text; a str or bytes is sent as it is (a text or a binary frame)."""
     received: list[dict[str, Any]] = []
     async with connect(url, additional_headers=headers or {}, proxy=None, max_size=None) as socket:
-        for message in messages:
-            await socket.send(message if isinstance(message, str | bytes) else json.dumps(message))
         try:
+            # The server may close before every message is sent (a refused key is closed 1008 at
+            # once): a send then raises ConnectionClosed, and the close code is the answer.
+            for message in messages:
+                await socket.send(
+                    message if isinstance(message, str | bytes) else json.dumps(message)
+                )
             async with asyncio.timeout(20):
                 async for text in socket:
                     received.append(json.loads(text))

@@ -26,7 +26,18 @@ ACME: dict[str, Any] = {
     "max_compile_memory_limit": -1,
     "cache": True,
 }
-KEY_FIELDS = {"id", "tenant", "name", "prefix", "scopes", "created_at", "expires_at", "revoked"}
+KEY_FIELDS = {
+    "id",
+    "tenant",
+    "name",
+    "prefix",
+    "scopes",
+    "created_at",
+    "expires_at",
+    "revoked",
+    "allowed_origins",
+    "client_rate_limit",
+}
 
 
 async def _admin(gateway: Gateway, method: str, path: str, body: Any = None) -> httpx.Response:
@@ -183,6 +194,8 @@ class TestKeys:
         assert minted["prefix"] == minted["key"][:12]
         assert minted["scopes"] == ["execute"]
         assert minted["tenant"] == "acme"
+        assert minted["allowed_origins"] is None
+        assert minted["client_rate_limit"] is None
         assert minted["expires_at"] is None
         assert minted["revoked"] is False
         assert ISO_Z.match(minted["created_at"])

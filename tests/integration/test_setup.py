@@ -17,7 +17,18 @@ from pathlib import Path
 from tests.support import ROOT
 
 SCRIPT = ROOT / "scripts" / "setup-system.sh"
-EVERY_TOOL = ("bwrap", "redis-server", "setpriv", "gcc", "g++", "wrk", "make", "python3.11", "uv")
+EVERY_TOOL = (
+    "bwrap",
+    "redis-server",
+    "setpriv",
+    "gcc",
+    "g++",
+    "wrk",
+    "chromium",
+    "make",
+    "python3.11",
+    "uv",
+)
 PROVIDES = {"bubblewrap": "bwrap", "redis-server": "redis-server", "wrk": "wrk"}
 
 
