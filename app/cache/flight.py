@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 
 from app.errors import GatewayError, GatewayTimeout
 from app.metrics import Metrics
-from app.redis import FLIGHT, FLIGHT_PATTERN, flight_lock
+from app.redis import FLIGHT, FLIGHT_PATTERN, Subscription, flight_lock
 from app.upstream.pool import UpstreamAnswer
 
 __all__ = ["FlightResult", "SingleFlight"]
@@ -157,8 +157,21 @@ class SingleFlight:
         self._poll_interval = poll_interval
         self._lease_ms = lease_ms
         self._flights: dict[str, _Flight] = {}
-        self._listener: asyncio.Task[None] | None = None
-        self._listening = False  # the wake-up subscription is confirmed and alive
+        # One PSUBSCRIBE connection for the whole process, re-made after an outage.
+        self._wakeups = (
+            Subscription(
+                redis,
+                pattern=FLIGHT_PATTERN,
+                name="single-flight-listener",
+                on_message=self._dispatch,
+                retry_s=0.1,
+                retry_max_s=_RESUBSCRIBE_MAX_S,
+                lost_event="single_flight_pubsub_lost",
+                restored_event="single_flight_pubsub_recovered",
+            )
+            if redis is not None
+            else None
+        )
         self._closed = False
         self._release = redis.register_script(_RELEASE_SCRIPT) if redis is not None else None
         self._renew = redis.register_script(_RENEW_SCRIPT) if redis is not None else None
@@ -183,7 +196,7 @@ class SingleFlight:
         # redis-py is still connecting can be lost on Python 3.11, hanging shutdown.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _START_WAIT_S
-        while self._redis is not None and not self._listening and loop.time() < deadline:  # noqa: ASYNC110
+        while self._wakeups is not None and not self._listening and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
 
     async def close(self) -> None:
@@ -192,8 +205,8 @@ class SingleFlight:
         tasks: list[asyncio.Task[Any]] = [
             f.task for f in self._flights.values() if f.task is not None
         ]
-        if self._listener is not None:
-            tasks.append(self._listener)
+        if self._wakeups is not None and not await self._wakeups.close(_CLOSE_TIMEOUT_S):
+            log.warning("single_flight_task_did_not_stop", task="single-flight-listener")
         for task in tasks:
             task.cancel()
         if tasks:
@@ -203,7 +216,6 @@ class SingleFlight:
             for task in pending:
                 task.cancel()
                 log.warning("single_flight_task_did_not_stop", task=task.get_name())
-        self._listener = None
 
     # -- the API
 
@@ -442,41 +454,14 @@ class SingleFlight:
             raise shared
         return shared
 
-    def _ensure_listener(self) -> None:
-        if self._redis is None or self._closed:
-            return
-        if self._listener is None or self._listener.done():
-            self._listener = asyncio.get_running_loop().create_task(
-                self._listen(self._redis), name="single-flight-listener"
-            )
+    @property
+    def _listening(self) -> bool:
+        """Whether the wake-up subscription is confirmed and alive."""
+        return self._wakeups is not None and self._wakeups.subscribed
 
-    async def _listen(self, redis: Redis) -> None:
-        """One pub/sub connection for the whole process, re-made after an outage."""
-        backoff = 0.1
-        failing = False
-        while not self._closed:  # a cancel lost inside redis-py still ends the loop here
-            pubsub = redis.pubsub()
-            try:
-                await pubsub.psubscribe(FLIGHT_PATTERN)
-                async for message in pubsub.listen():
-                    if message["type"] == "psubscribe":
-                        self._listening = True
-                        backoff = 0.1
-                        if failing:
-                            log.info("single_flight_pubsub_recovered")
-                            failing = False
-                    elif message["type"] == "pmessage":
-                        self._dispatch(message["channel"], message["data"])
-            except _REDIS_FAULTS as exc:
-                if not failing:
-                    log.warning("single_flight_pubsub_lost", error=repr(exc))
-                failing = True
-            finally:
-                self._listening = False
-                with contextlib.suppress(*_REDIS_FAULTS):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, _RESUBSCRIBE_MAX_S)
+    def _ensure_listener(self) -> None:
+        if self._wakeups is not None and not self._closed:
+            self._wakeups.start()
 
     def _dispatch(self, channel: bytes | str, data: bytes | str) -> None:
         name = channel.decode() if isinstance(channel, bytes) else channel

@@ -33,6 +33,7 @@ __all__ = [
     "USAGE_TTL_SECONDS",
     "Admission",
     "ClientLimit",
+    "Counted",
     "Gate",
     "PolicyState",
     "Refusal",
@@ -42,6 +43,7 @@ __all__ = [
     "day_end",
     "rate_limit_headers",
     "refusal",
+    "refuse",
     "utc_day",
     "windows_for",
 ]
@@ -267,6 +269,55 @@ def refusal(
     if cost > 1 and reason != "concurrency":
         message = f"this request needs {cost} executions and {max(0, left)} are left: {message}"
     return TooManyRequests(message, headers={**headers, "Retry-After": retry_after(retry_seconds)})
+
+
+@dataclass(frozen=True, slots=True)
+class Counted:
+    """What a gate found for one request, for the refusal both gates write the same way."""
+
+    windows: Sequence[tuple[Window, PolicyState, bool]]  # each window, its state, exhausted
+    headers: Mapping[str, str]
+    now: float  # the clock the states' resets are on (Redis's, for the Redis gate)
+    day: str
+    quota: int
+    quota_used: int
+    cost: int
+    max_concurrency: int | None
+
+
+def refuse(reason: Refusal, counted: Counted, *, metrics: Metrics | None) -> TooManyRequests:
+    """The 429 for `reason`, with its Retry-After and the policy it names."""
+    if reason == "rate_limit":
+        full = [(window, state) for window, state, exhausted in counted.windows if exhausted]
+        # Room again only when every exhausted window has some: wait for the last of them.
+        window, state = max(full, key=lambda pair: pair[1].reset)
+        return refusal(
+            reason,
+            metrics=metrics,
+            headers=counted.headers,
+            retry_seconds=state.reset - counted.now,
+            limit=window.describe(),
+            cost=counted.cost,
+            left=min(s.remaining for _, s in full),
+        )
+    if reason == "quota":
+        return refusal(
+            reason,
+            metrics=metrics,
+            headers=counted.headers,
+            retry_seconds=day_end(counted.day).timestamp() - counted.now,
+            limit=quota_message(counted.quota, counted.day),
+            cost=counted.cost,
+            left=counted.quota - counted.quota_used,
+        )
+    # When a slot frees is unknowable (a run ends when it ends): try again in a second.
+    return refusal(
+        reason,
+        metrics=metrics,
+        headers=counted.headers,
+        retry_seconds=1,
+        limit=str(counted.max_concurrency),
+    )
 
 
 def quota_message(quota: int, day: str) -> str:

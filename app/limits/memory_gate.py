@@ -22,16 +22,15 @@ from app.limits.gate import (
     MAX_USAGE_DAYS,
     Admission,
     ClientLimit,
+    Counted,
     PolicyState,
     Refusal,
     Strategy,
     UsageCounters,
     counted_windows,
-    day_end,
-    quota_message,
     quota_state,
     rate_limit_headers,
-    refusal,
+    refuse,
     usage_days,
     usage_row,
     utc_day,
@@ -119,43 +118,20 @@ class MemoryGate:
 
         if reason is not None:
             usage.add("rate_limited")
-            if reason == "rate_limit":
-                full = [
-                    (w, s.reset)
-                    for w, s, ok in zip(windows, states[: len(windows)], allowed, strict=True)
-                    if not ok
-                ]
-                window, reset = max(full, key=lambda pair: pair[1])
-                raise refusal(
-                    reason,
-                    metrics=self._metrics,
-                    headers=headers,
-                    retry_seconds=reset - now,
-                    limit=window.describe(),
-                    cost=cost,
-                    left=min(
-                        s.remaining
-                        for s, ok in zip(states[: len(windows)], allowed, strict=True)
-                        if not ok
-                    ),
-                )
-            if reason == "quota":
-                raise refusal(
-                    reason,
-                    metrics=self._metrics,
-                    headers=headers,
-                    retry_seconds=day_end(day).timestamp() - now,
-                    limit=quota_message(quota, day),
-                    cost=cost,
-                    left=quota - quota_used,
-                )
-            raise refusal(
-                "concurrency",
-                metrics=self._metrics,
+            counted = Counted(
+                windows=[
+                    (w, state, not ok)
+                    for w, state, ok in zip(windows, states[: len(windows)], allowed, strict=True)
+                ],
                 headers=headers,
-                retry_seconds=1,
-                limit=str(tenant.max_concurrency),
+                now=now,
+                day=day,
+                quota=quota,
+                quota_used=quota_used,
+                cost=cost,
+                max_concurrency=tenant.max_concurrency,
             )
+            raise refuse(reason, counted, metrics=self._metrics)
 
         lease = None
         if want_lease:

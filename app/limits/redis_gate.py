@@ -29,25 +29,26 @@ from typing import Final
 import structlog
 from redis.asyncio import Redis
 
+from app import redis as redis_keys
 from app.limits.gate import (
     DEFAULT_LEASE_TTL_MS,
     USAGE_TTL_SECONDS,
     Admission,
     ClientLimit,
+    Counted,
     PolicyState,
+    Refusal,
     Strategy,
     counted_windows,
     day_end,
-    quota_message,
     quota_state,
     rate_limit_headers,
-    refusal,
+    refuse,
     usage_days,
     usage_row,
     utc_day,
 )
 from app.metrics import Metrics
-from app.redis import CONCURRENCY, QUOTA, RATE_LIMIT, USAGE
 from app.redis_outage import (
     OUTAGE_ERRORS,
     REDIS_DEADLINE_S,
@@ -65,6 +66,11 @@ _ADMITTED: Final = 0
 _RATE_LIMITED: Final = 1
 _OVER_QUOTA: Final = 2
 _OVER_CONCURRENCY: Final = 3
+_REFUSALS: Final[dict[int, Refusal]] = {
+    _RATE_LIMITED: "rate_limit",
+    _OVER_QUOTA: "quota",
+    _OVER_CONCURRENCY: "concurrency",
+}
 
 # KEYS[1] cache entry (read only when ARGV[1] == '1')   KEYS[2] quota counter of the day
 # KEYS[3] the tenant's lease zset                        KEYS[4] usage hash of the day
@@ -271,10 +277,10 @@ class RedisGate:
         token = uuid.uuid4().hex
         keys = [
             cache_key or "",
-            f"{QUOTA}{tenant.id}:{day}",
-            f"{CONCURRENCY}{tenant.id}",
-            f"{USAGE}{tenant.id}:{day}",
-            *(RATE_LIMIT + w.key(tenant.id) for w in windows),
+            redis_keys.quota_counter(tenant.id, day),
+            redis_keys.concurrency_leases(tenant.id),
+            redis_keys.usage_hash(tenant.id, day),
+            *(redis_keys.rate_limit_window(w.key(tenant.id)) for w in windows),
         ]
         args: list[int | str] = [
             1 if cache_key else 0,
@@ -312,42 +318,21 @@ class RedisGate:
             states.append(quota_state(quota, quota_used, day))
         headers = rate_limit_headers(states, redis_now)
 
-        if outcome == _RATE_LIMITED:
-            full = [
-                (w, reset_ms / 1000)
-                for w, count, reset_ms in zip(windows, counts, resets, strict=True)
-                if count + cost > w.amount
-            ]
-            # Room again only when every exhausted window has some: wait for the last of them.
-            window, reset = max(full, key=lambda pair: pair[1])
-            raise refusal(
-                "rate_limit",
-                metrics=self._metrics,
+        if outcome != _ADMITTED:
+            counted = Counted(
+                windows=[
+                    (w, state, state.remaining < cost)
+                    for w, state in zip(windows, states[: len(windows)], strict=True)
+                ],
                 headers=headers,
-                retry_seconds=reset - redis_now,
-                limit=window.describe(),
+                now=redis_now,
+                day=day,
+                quota=quota,
+                quota_used=quota_used,
                 cost=cost,
-                left=min(w.amount - count for w, count in zip(windows, counts, strict=True)),
+                max_concurrency=tenant.max_concurrency,
             )
-        if outcome == _OVER_QUOTA:
-            raise refusal(
-                "quota",
-                metrics=self._metrics,
-                headers=headers,
-                retry_seconds=day_end(day).timestamp() - redis_now,
-                limit=quota_message(quota, day),
-                cost=cost,
-                left=quota - quota_used,
-            )
-        if outcome == _OVER_CONCURRENCY:
-            # When a slot frees is unknowable (a run ends when it ends): try again in a second.
-            raise refusal(
-                "concurrency",
-                metrics=self._metrics,
-                headers=headers,
-                retry_seconds=1,
-                limit=str(tenant.max_concurrency),
-            )
+            raise refuse(_REFUSALS[outcome], counted, metrics=self._metrics)
         took_lease = bool(tenant.max_concurrency) and cached is None
         return Admission(
             headers=headers,
@@ -378,8 +363,8 @@ class RedisGate:
         if admission.degraded:
             return  # nothing was counted, and Redis was just found unreachable
         keys = [
-            f"{CONCURRENCY}{admission.tenant_id}",
-            f"{USAGE}{admission.tenant_id}:{admission.day}",
+            redis_keys.concurrency_leases(admission.tenant_id),
+            redis_keys.usage_hash(admission.tenant_id, admission.day),
         ]
         args: list[int | float | str] = [
             admission.lease or "",
@@ -409,14 +394,15 @@ class RedisGate:
         (a PATCH changes the key names) go too. An admin operation, rare, so the scan is fine.
         """
         patterns = [
-            f"{USAGE}{tenant.id}:*",
-            f"{QUOTA}{tenant.id}:*",
-            f"{RATE_LIMIT}*/{tenant.id}/*",  # <strategy>/<tenant>/<amount>/<n>/<unit>
+            redis_keys.usage_hash(tenant.id, "*"),
+            redis_keys.quota_counter(tenant.id, "*"),
+            # <strategy>/<tenant>/<amount>/<n>/<unit>
+            redis_keys.rate_limit_window(f"*/{tenant.id}/*"),
         ]
         if self._outage.active:
             raise RedisUnavailable("deleting the tenant's usage")
         try:
-            names: list[bytes | str] = [f"{CONCURRENCY}{tenant.id}"]
+            names: list[bytes | str] = [redis_keys.concurrency_leases(tenant.id)]
             for pattern in patterns:
                 names += [name async for name in self._redis.scan_iter(match=pattern, count=1000)]
             await self._redis.unlink(*names)
@@ -429,7 +415,7 @@ class RedisGate:
         dates = usage_days(time.time(), days)
         pipe = self._redis.pipeline(transaction=False)
         for day in dates:
-            pipe.hgetall(f"{USAGE}{tenant_id}:{day}")
+            pipe.hgetall(redis_keys.usage_hash(tenant_id, day))
         if self._outage.active:
             raise RedisUnavailable("usage")
         try:

@@ -20,7 +20,6 @@ carry one of its origins (`app.api.deps.check_origin`), on HTTP and on the WebSo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import time
 from collections import OrderedDict
@@ -30,9 +29,9 @@ from typing import Final
 
 import structlog
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
 
 from app import redis as redis_keys
+from app.redis import Subscription
 from app.redis_outage import OUTAGE_ERRORS, REDIS_DEADLINE_S, RedisOutage, RedisUnavailable
 from app.tenancy.keys import hash_key
 from app.tenancy.models import ApiKey, Principal, Tenant
@@ -100,21 +99,34 @@ class Authenticator:
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         # Bumped by every invalidation: a lookup that raced one must not cache what it read.
         self._generation = 0
-        self._last_heard = float("-inf")
-        self._listener: asyncio.Task[None] | None = None
-        self._stopping = False
-        self._channel_lost_logged = False  # one line per loss, not one per reconnect attempt
+        self._invalidations = (
+            Subscription(
+                redis,
+                channel=redis_keys.CHANNEL_INVALIDATE,
+                name="key-cache-invalidation",
+                on_message=self._on_invalidation,
+                on_subscribed=self._on_subscribed,
+                ping_interval_s=_PING_INTERVAL_SECONDS,
+                retry_s=_RECONNECT_DELAY_SECONDS,
+                retry_max_s=_RECONNECT_DELAY_SECONDS,
+                lost_event="key_cache_channel_lost",
+                restored_event="key_cache_channel_restored",
+            )
+            if redis is not None and self._caching
+            else None
+        )
         # The live browser keys' origins: the in-process store keeps its own up to date.
         self.origins = store.origins if isinstance(store, MemoryTenantStore) else OriginIndex()
 
     @property
     def listening(self) -> bool:
         """True while the invalidation channel is subscribed and answering pings."""
-        return time.monotonic() - self._last_heard < _DEAF_AFTER_SECONDS
+        subscription = self._invalidations
+        return subscription is not None and subscription.heard_within(_DEAF_AFTER_SECONDS)
 
     async def start(self) -> None:
-        if self._caching and self._listener is None:
-            self._listener = asyncio.create_task(self._listen(), name="key-cache-invalidation")
+        if self._invalidations is not None:
+            self._invalidations.start()
             # Return once subscribed (or after a bound, if Redis is down): a cancel that lands
             # while redis-py is still connecting can be lost on Python 3.11, hanging shutdown.
             deadline = time.monotonic() + _START_WAIT_SECONDS
@@ -122,15 +134,10 @@ class Authenticator:
                 await asyncio.sleep(0.005)
 
     async def close(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            # The flag, not only the cancel: on Python 3.11 a cancel that lands as redis-py's
-            # read timeout fires is turned into that timeout and lost, and the loop would run on.
-            self._stopping = True
-            listener.cancel()
-            done, _ = await asyncio.wait({listener}, timeout=_CLOSE_TIMEOUT_SECONDS)
-            if not done:
-                log.warning("key_cache_listener_did_not_stop")
+        if self._invalidations is not None and not await self._invalidations.close(
+            _CLOSE_TIMEOUT_SECONDS
+        ):
+            log.warning("key_cache_listener_did_not_stop")
         self._cache.clear()
 
     async def principal_for(self, key: str) -> Principal | None:
@@ -244,49 +251,14 @@ class Authenticator:
                 self._cache.popitem(last=False)
         return entry
 
-    async def _listen(self) -> None:
-        assert self._redis is not None
-        while not self._stopping:
-            pubsub = self._redis.pubsub()
-            try:
-                await pubsub.subscribe(redis_keys.CHANNEL_INVALIDATE)
-                await self._pump(pubsub)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # any Redis or socket failure: reconnect, never die
-                if not self._channel_lost_logged:
-                    self._channel_lost_logged = True
-                    log.warning("key_cache_channel_lost", error=type(exc).__name__)
-            finally:
-                self._last_heard = float("-inf")
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-            if not self._stopping:
-                await asyncio.sleep(_RECONNECT_DELAY_SECONDS)
+    async def _on_subscribed(self) -> None:
+        # Messages published while we were not subscribed are lost: read every entry again
+        # before its next use (an outage that follows still finds it).
+        self._generation += 1
+        for digest, entry in list(self._cache.items()):
+            self._cache[digest] = replace(entry, stale=True)
+        # Subscribed first, loaded second: a mint after this is heard, one before is read.
+        self.origins.replace(await self._store.browser_keys())
 
-    async def _pump(self, pubsub: PubSub) -> None:
-        last_ping = 0.0
-        while not self._stopping:
-            now = time.monotonic()
-            if now - last_ping >= _PING_INTERVAL_SECONDS:
-                await pubsub.ping()
-                last_ping = now
-            message = await pubsub.get_message(timeout=_PING_INTERVAL_SECONDS)
-            if message is None:
-                continue
-            kind = message.get("type")
-            if kind in (b"subscribe", "subscribe"):
-                # Messages published while we were not subscribed are lost: read every entry
-                # again before its next use (an outage that follows still finds it).
-                self._generation += 1
-                for digest, entry in list(self._cache.items()):
-                    self._cache[digest] = replace(entry, stale=True)
-                # Subscribed first, loaded second: a mint after this is heard, one before is read.
-                self.origins.replace(await self._store.browser_keys())
-            elif kind in (b"message", "message"):
-                data = message["data"]
-                self.invalidate(data.decode() if isinstance(data, bytes) else str(data))
-            self._last_heard = time.monotonic()
-            if self._channel_lost_logged:
-                self._channel_lost_logged = False
-                log.info("key_cache_channel_restored")
+    def _on_invalidation(self, channel: bytes | str, data: bytes | str) -> None:
+        self.invalidate(data.decode() if isinstance(data, bytes) else str(data))

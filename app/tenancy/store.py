@@ -247,8 +247,8 @@ class RedisTenantStore:
     async def create_tenant(self, data: TenantCreate) -> Tenant:
         tenant = _new_tenant(data)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(redis_keys.TENANT + tenant.id, _dump_tenant(tenant), nx=True)
-            pipe.sadd(redis_keys.TENANT_INDEX, tenant.id)
+            pipe.set(redis_keys.tenant_record(tenant.id), _dump_tenant(tenant), nx=True)
+            pipe.sadd(redis_keys.tenant_index(), tenant.id)
             pipe.publish(redis_keys.CHANNEL_INVALIDATE, invalidation_for_tenant(tenant.id))
             created, *_ = await pipe.execute()
         if not created:
@@ -257,20 +257,20 @@ class RedisTenantStore:
 
     @_guarded
     async def get_tenant(self, tenant_id: str) -> Tenant | None:
-        raw = await self._redis.get(redis_keys.TENANT + tenant_id)
+        raw = await self._redis.get(redis_keys.tenant_record(tenant_id))
         return None if raw is None else _load_tenant(raw)
 
     @_guarded
     async def list_tenants(self) -> list[Tenant]:
-        ids = sorted(_text(item) for item in await self._redis.smembers(redis_keys.TENANT_INDEX))
+        ids = sorted(_text(item) for item in await self._redis.smembers(redis_keys.tenant_index()))
         if not ids:
             return []
-        raws = await self._redis.mget([redis_keys.TENANT + tenant_id for tenant_id in ids])
+        raws = await self._redis.mget([redis_keys.tenant_record(tenant_id) for tenant_id in ids])
         return [_load_tenant(raw) for raw in raws if raw is not None]
 
     @_guarded
     async def update_tenant(self, tenant_id: str, patch: TenantUpdate) -> Tenant:
-        key = redis_keys.TENANT + tenant_id
+        key = redis_keys.tenant_record(tenant_id)
 
         async def body(pipe: Pipeline) -> Tenant:
             raw = await pipe.get(key)
@@ -286,27 +286,27 @@ class RedisTenantStore:
 
     @_guarded
     async def delete_tenant(self, tenant_id: str) -> None:
-        tenant_key = redis_keys.TENANT + tenant_id
-        keys_set = redis_keys.TENANT_KEYS + tenant_id
+        tenant_key = redis_keys.tenant_record(tenant_id)
+        keys_set = redis_keys.tenant_keys(tenant_id)
 
         async def body(pipe: Pipeline) -> None:
             if not await pipe.exists(tenant_key):
                 raise _tenant_exists(tenant_id)
             key_ids = [_text(item) for item in await pipe.smembers(keys_set)]
             digests = (
-                await pipe.mget([redis_keys.KEY_BY_ID + key_id for key_id in key_ids])
+                await pipe.mget([redis_keys.key_by_id(key_id) for key_id in key_ids])
                 if key_ids
                 else []
             )
             _begin(pipe)
             pipe.delete(tenant_key, keys_set)
-            pipe.srem(redis_keys.TENANT_INDEX, tenant_id)
+            pipe.srem(redis_keys.tenant_index(), tenant_id)
             # The keys go with the tenant: a lookup then finds nothing, the strongest revocation,
             # and a tenant created later under the same id does not inherit them.
             for key_id, digest in zip(key_ids, digests, strict=True):
-                pipe.delete(redis_keys.KEY_BY_ID + key_id)
+                pipe.delete(redis_keys.key_by_id(key_id))
                 if digest is not None:
-                    pipe.delete(redis_keys.KEY + _text(digest))
+                    pipe.delete(redis_keys.key_record(_text(digest)))
                     pipe.hdel(redis_keys.BROWSER_KEYS, _text(digest))
                     pipe.publish(redis_keys.CHANNEL_INVALIDATE, invalidation_for_key(_text(digest)))
             pipe.publish(redis_keys.CHANNEL_INVALIDATE, invalidation_for_tenant(tenant_id))
@@ -333,7 +333,7 @@ class RedisTenantStore:
             allowed_origins=allowed_origins,
             client_rate_limit=client_rate_limit,
         )
-        tenant_key = redis_keys.TENANT + tenant_id
+        tenant_key = redis_keys.tenant_record(tenant_id)
         browser = browser_entry(key)
 
         async def body(pipe: Pipeline) -> None:
@@ -341,9 +341,9 @@ class RedisTenantStore:
             if not await pipe.exists(tenant_key):
                 raise _tenant_exists(tenant_id)
             _begin(pipe)
-            pipe.set(redis_keys.KEY + key.hash, _dump_key(key))
-            pipe.set(redis_keys.KEY_BY_ID + key.id, key.hash)
-            pipe.sadd(redis_keys.TENANT_KEYS + tenant_id, key.id)
+            pipe.set(redis_keys.key_record(key.hash), _dump_key(key))
+            pipe.set(redis_keys.key_by_id(key.id), key.hash)
+            pipe.sadd(redis_keys.tenant_keys(tenant_id), key.id)
             # Published although nothing cached it yet, so no process keeps a stale negative.
             pipe.publish(redis_keys.CHANNEL_INVALIDATE, invalidation_for_key(key.hash))
             if browser is not None:
@@ -356,27 +356,27 @@ class RedisTenantStore:
     @_guarded
     async def list_keys(self, tenant_id: str) -> list[ApiKey]:
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.exists(redis_keys.TENANT + tenant_id)
-            pipe.smembers(redis_keys.TENANT_KEYS + tenant_id)
+            pipe.exists(redis_keys.tenant_record(tenant_id))
+            pipe.smembers(redis_keys.tenant_keys(tenant_id))
             exists, members = await pipe.execute()
         if not exists:
             raise _tenant_exists(tenant_id)
         key_ids = [_text(item) for item in members]
         if not key_ids:
             return []
-        digests = await self._redis.mget([redis_keys.KEY_BY_ID + key_id for key_id in key_ids])
+        digests = await self._redis.mget([redis_keys.key_by_id(key_id) for key_id in key_ids])
         present = [_text(digest) for digest in digests if digest is not None]
         if not present:
             return []
-        raws = await self._redis.mget([redis_keys.KEY + digest for digest in present])
+        raws = await self._redis.mget([redis_keys.key_record(digest) for digest in present])
         return _sorted_keys([_load_key(raw) for raw in raws if raw is not None])
 
     @_guarded
     async def revoke_key(self, key_id: str) -> ApiKey:
-        raw_digest = await self._redis.get(redis_keys.KEY_BY_ID + key_id)
+        raw_digest = await self._redis.get(redis_keys.key_by_id(key_id))
         if raw_digest is None:
             raise NotFound(f"key '{key_id}' does not exist")
-        record = redis_keys.KEY + _text(raw_digest)
+        record = redis_keys.key_record(_text(raw_digest))
 
         async def body(pipe: Pipeline) -> ApiKey:
             raw = await pipe.get(record)
@@ -393,7 +393,7 @@ class RedisTenantStore:
 
     @_guarded
     async def key_by_hash(self, digest: str) -> ApiKey | None:
-        raw = await self._redis.get(redis_keys.KEY + digest)
+        raw = await self._redis.get(redis_keys.key_record(digest))
         return None if raw is None else _load_key(raw)
 
     @_guarded

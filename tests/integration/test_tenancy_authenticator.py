@@ -233,7 +233,8 @@ class TestCache:
 
         racing = RacingStore(redis)
         authenticator._store = racing
-        authenticator._last_heard = time.monotonic() + 60  # pretend: listening
+        assert authenticator._invalidations is not None
+        authenticator._invalidations._last_heard = time.monotonic() + 60  # pretend: listening
         await authenticator.principal_for(secret)
         await authenticator.principal_for(secret)
         assert racing.lookups == 2
