@@ -143,7 +143,7 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def round_trips_per_request(redis_url: str, send: Callable[[], None], requests: int) -> float:
+def round_trips_per_request(redis_url: str, send: Callable[[], object], requests: int) -> float:
     """Commands that clients sent to Redis (not those a script ran inside it), per request.
 
     MONITOR shows each command a client sends, and marks those a Lua script issued as `lua`:
@@ -158,7 +158,7 @@ def round_trips_per_request(redis_url: str, send: Callable[[], None], requests: 
     ready = threading.Event()
 
     def watch() -> None:
-        with redis.Redis.from_url(redis_url).monitor() as monitor:
+        with redis.Redis.from_url(redis_url).monitor() as monitor:  # type: ignore[no-untyped-call]
             ready.set()
             for command in monitor.listen():
                 if stop in command["command"]:

@@ -64,6 +64,7 @@ class Gateway:
         _, key = await self.state.store.create_key(
             tenant_id, name="test", scopes=["execute"], expires_at=None
         )
+        assert isinstance(key, str)
         return key
 
     async def execute(self, key: str, body: dict[str, Any], **headers: str) -> httpx.Response:

@@ -82,7 +82,7 @@ class FakePiston:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        server_class = http.server.ThreadingHTTPServer
+        server_class: type[http.server.ThreadingHTTPServer] = http.server.ThreadingHTTPServer
         if ":" in self.host:
             server_class = type("Server6", (server_class,), {"address_family": socket.AF_INET6})
         self.server = server_class((self.host, self.port), Handler)

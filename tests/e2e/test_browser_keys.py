@@ -48,7 +48,8 @@ def _preflight(gateway: Service, origin: str) -> httpx.Response:
 
 
 def _allowed(gateway: Service, origin: str) -> bool:
-    return _preflight(gateway, origin).headers.get("access-control-allow-origin") == origin
+    allowed: str | None = _preflight(gateway, origin).headers.get("access-control-allow-origin")
+    return allowed == origin
 
 
 def _seconds_until(condition: Any, limit: float) -> float:

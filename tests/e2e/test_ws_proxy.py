@@ -257,7 +257,11 @@ class TestMessageSize:
         # with a traceback in the log (the route closed a socket already closed).
         service, key = gateway
         sleeper = {**INIT, "files": [{"content": "import time; time.sleep(2)"}]}
-        for messages in (["x" * (20 << 20)], [sleeper, b"x" * (20 << 20)]):
+        batches: list[list[dict[str, Any] | str | bytes]] = [
+            ["x" * (20 << 20)],
+            [sleeper, b"x" * (20 << 20)],
+        ]
+        for messages in batches:
             _, code = await _conversation(_ws(service, f"?api_key={key}"), messages)
             assert code == 1009
         assert (await _conversation(_ws(service, f"?api_key={key}"), [PRINT_ONE]))[1] == 4999

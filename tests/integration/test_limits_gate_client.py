@@ -48,7 +48,7 @@ async def test_one_round_trip_with_the_client_windows(
 
     async def counting(*args: Any, **options: Any) -> Any:
         sent.append(str(args[0]))
-        return await original(*args, **options)
+        return await original(*args, **options)  # type: ignore[no-untyped-call]  # redis-py
 
     monkeypatch.setattr(redis, "execute_command", counting)
     client = ClientLimit("5/minute;20/hour", "key_1/203.0.113.7")

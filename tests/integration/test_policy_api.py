@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 
@@ -61,7 +63,7 @@ class TestAllowList:
 
 class TestCaps:
     async def _forwarded(
-        self, make_gateway: GatewayFactory, tenant: dict[str, int], body: dict[str, int]
+        self, make_gateway: GatewayFactory, tenant: dict[str, Any], body: dict[str, int]
     ) -> dict[str, int]:
         async with serve_fake(FakePiston()) as fake:
             gateway = await make_gateway(piston_urls=[fake.url])
@@ -112,7 +114,7 @@ class TestCaps:
         ],
     )
     async def test_over_the_cap_is_400(
-        self, gateway: Gateway, tenant: dict[str, int], body: dict[str, object], message: str
+        self, gateway: Gateway, tenant: dict[str, Any], body: dict[str, object], message: str
     ) -> None:
         key = await gateway.tenant(**tenant)
         response = await gateway.execute(key, {**PY, **body})

@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -43,7 +44,7 @@ async def store(redis: Redis) -> CountingStore:
 
 
 async def _authenticator(
-    store: RedisTenantStore | MemoryTenantStore, redis: Redis | None, **kwargs: float
+    store: RedisTenantStore | MemoryTenantStore, redis: Redis | None, **kwargs: Any
 ) -> Authenticator:
     authenticator = Authenticator(store, admin_key=ADMIN_KEY, redis=redis, **kwargs)
     await authenticator.start()
@@ -210,7 +211,7 @@ class TestCache:
     async def test_channel_recovers_after_redis_connection_killed(
         self, redis: Redis, store: CountingStore, authenticator: Authenticator
     ) -> None:
-        await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
         await asyncio.sleep(0.1)
         await _until_listening(authenticator, 5)
         key, secret = await store.create_key("acme")

@@ -187,9 +187,9 @@ class TestRedisLayout:
             value = (
                 await redis.get(name)
                 if kind == b"string"
-                else b" ".join(await redis.smembers(name))
+                else b" ".join(_bytes(member) for member in await redis.smembers(name))
             )
-            dump += name + b"=" + value + b"\n"
+            dump += _bytes(name) + b"=" + _bytes(value) + b"\n"
         assert secret.encode() not in dump
         assert secret[12:].encode() not in dump
         assert (redis_keys.KEY + key.hash).encode() in dump
@@ -219,7 +219,7 @@ class TestRedisLayout:
         assert await next_messages(1) == [f"key:{key.hash}"]
         await store.delete_tenant("acme")
         assert await next_messages(2) == [f"key:{key.hash}", "tenant:acme"]
-        await pubsub.aclose()
+        await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
 
     async def test_concurrent_updates_all_land(self, redis: Redis) -> None:
         store = RedisTenantStore(redis)
@@ -254,3 +254,9 @@ class TestRedisLayout:
 def _db_url_of(redis: Redis) -> str:
     kwargs = redis.connection_pool.connection_kwargs
     return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs['db']}"
+
+
+def _bytes(value: bytes | str | None) -> bytes:
+    """A value as redis-py returns it without decode_responses (typed as bytes or str)."""
+    assert isinstance(value, bytes)
+    return value

@@ -73,7 +73,7 @@ def test_global_list_applies_to_every_tenant() -> None:
     ],
 )
 def test_caps_fill_omitted_limits(
-    tenant_caps: dict[str, int], body: dict[str, int], expected: dict[str, int]
+    tenant_caps: dict[str, int], body: dict[str, Any], expected: dict[str, int]
 ) -> None:
     sent = run(Tenant(id="t", **tenant_caps), **body)
     for name, value in expected.items():
@@ -105,6 +105,6 @@ def test_uncapped_memory_stays_omitted() -> None:
         ({}, {"run_cpu_time": -2}, "run_cpu_time must be non-negative"),
     ],
 )
-def test_caps_refuse(tenant_caps: dict[str, int], body: dict[str, int], message: str) -> None:
+def test_caps_refuse(tenant_caps: dict[str, int], body: dict[str, Any], message: str) -> None:
     with pytest.raises(BadRequest, match=message):
         run(Tenant(id="t", **tenant_caps), **body)

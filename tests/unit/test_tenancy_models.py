@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from pydantic import ValidationError
 
@@ -39,8 +41,9 @@ def test_rate_limit_that_can(limit: str) -> None:
 @pytest.mark.parametrize(("limit", "says"), CANNOT_RUN)
 @pytest.mark.parametrize("setting", ["default_rate_limit", "auth_failure_rate_limit"])
 def test_settings_refuse_it_at_start(limit: str, says: str, setting: str) -> None:
+    values: dict[str, Any] = {setting: limit}
     with pytest.raises(ValidationError, match=says):
-        Settings(**{setting: limit})
+        Settings(**values)
 
 
 @pytest.mark.parametrize("model", [TenantCreate, TenantUpdate])

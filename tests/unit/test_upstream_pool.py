@@ -171,7 +171,8 @@ async def test_the_health_check_sees_refused_hung_and_recovered_upstreams() -> N
 
         script.mode.clear()
         await _wait(lambda: a.healthy and b.healthy, 3.0)
-        assert (a.last_error, b.last_error) == (None, None)
+        errors: tuple[str | None, str | None] = (a.last_error, b.last_error)
+        assert errors == (None, None)
 
         script.mode["a"] = "garbage"
         await _wait(lambda: not a.healthy, 1.0)
