@@ -1,4 +1,8 @@
-"""The `piston-gateway` command: serve, engine, dev, and the tenant and key administration."""
+"""The `piston-gateway` command: serve, engine, dev, and the tenant and key administration.
+
+The entry point of two programs, so each command imports its own inside it (the one place that
+does): `engine` loads nothing of the gateway, `serve` nothing of the engine, and `--help` neither.
+"""
 
 from __future__ import annotations
 

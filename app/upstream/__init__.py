@@ -1,1 +1,5 @@
-"""The upstream world: Piston's request and response shapes, runtime resolution, the client."""
+"""The upstream Pistons, reached over HTTP: the pool (health, choice, DNS discovery), the
+keep-alive transport under it, the runtime catalog, and the WebSocket relay.
+
+Piston's wire format itself (the request's parser, runtime resolution) is `app.protocol`.
+"""
