@@ -362,6 +362,10 @@ class RedisGate:
         """Release the lease and add the run's figures to usage: one script call."""
         if admission.degraded:
             return  # nothing was counted, and Redis was just found unreachable
+        if admission.lease is None and not (error or cpu_time_ms or wall_time_ms or cache_hits):
+            return  # nothing to count (a hit): spare the round trip, and the work before it
+        if self._outage.active:
+            return  # the lease expires by itself; the outage is logged already
         keys = [
             redis_keys.concurrency_leases(admission.tenant_id),
             redis_keys.usage_hash(admission.tenant_id, admission.day),
@@ -373,10 +377,6 @@ class RedisGate:
             wall_time_ms,
             cache_hits,
         ]
-        if admission.lease is None and not (error or cpu_time_ms or wall_time_ms or cache_hits):
-            return  # nothing to count (a hit): spare the round trip
-        if self._outage.active:
-            return  # the lease expires by itself; the outage is logged already
         try:
             async with asyncio.timeout(self._deadline_s):
                 # One script call: a redis-py pipeline of the same commands cost three times
