@@ -313,11 +313,10 @@ def _client_address(connection: HTTPConnection) -> str:
 
     state = get_state(connection)
     host = connection.client.host if connection.client is not None else "unknown"
-    return str(
-        client_address(
-            host, connection.headers.get("x-forwarded-for"), state.settings.trusted_proxies
-        )
-    )
+    # Several header lines are one list (RFC 9110 5.3); the proxy's own line comes last, so
+    # reading only the first would trust what the client wrote.
+    forwarded = ", ".join(connection.headers.getlist("x-forwarded-for")) or None
+    return str(client_address(host, forwarded, state.settings.trusted_proxies))
 
 
 async def identify(connection: HTTPConnection, key: str | None) -> Principal | None:

@@ -294,6 +294,28 @@ class TestClientRateLimit:
         # Both came from the same peer (no trusted proxy): one client, its 2 used up.
         assert (await _from(gateway, key, "203.0.113.3")).status_code == 429
 
+    async def test_a_forged_first_forwarded_for_line_changes_nothing(
+        self, make_gateway: GatewayFactory
+    ) -> None:
+        """A proxy that adds a header line of its own (HAProxy's `option forwardfor`) leaves the
+        client's forged line first: the lines are one list, read from the right."""
+        gateway = await make_gateway(**PROXY)
+        key = await _client_limited(gateway)
+        statuses = []
+        for n in range(3):
+            response = await gateway.client.post(
+                "/api/v2/execute",
+                json=PY,
+                headers=[
+                    ("Authorization", f"Bearer {key}"),
+                    ("Origin", APP),
+                    ("X-Forwarded-For", f"198.51.100.{n}"),  # the client's own, forged
+                    ("X-Forwarded-For", "203.0.113.9"),  # the proxy's
+                ],
+            )
+            statuses.append(response.status_code)
+        assert statuses == [200, 200, 429]
+
     async def test_refused_client_consumes_no_tenant_allowance(self, make_gateway: Any) -> None:
         gateway = await make_gateway(**PROXY)
         key = await _client_limited(gateway, "1/minute")
