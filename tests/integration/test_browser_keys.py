@@ -92,6 +92,22 @@ class TestMinting:
         listed = await gateway.client.get("/admin/tenants/acme/keys", headers=ADMIN)
         assert listed.json() == []
 
+    async def test_a_browser_key_cannot_administer(self, gateway: Gateway) -> None:
+        """A browser key is public in its pages and any script can send its Origin."""
+        await _tenant(gateway)
+        response = await _mint(gateway, {"allowed_origins": [APP], "scopes": ["execute", "admin"]})
+        assert response.status_code == 400, response.text
+        assert response.json()["message"].startswith("allowed_origins")
+        assert "cannot have the admin scope" in response.json()["message"]
+        listed = await gateway.client.get("/admin/tenants/acme/keys", headers=ADMIN)
+        assert listed.json() == []
+
+    async def test_expires_at_is_iso_text_only(self, gateway: Gateway) -> None:
+        await _tenant(gateway)
+        response = await _mint(gateway, {"expires_at": 1893456000})
+        assert response.status_code == 400, response.text
+        assert response.json()["message"].startswith("expires_at")
+
 
 class TestOriginCheck:
     async def test_allowed_origin_works_and_gets_cors_headers(self, gateway: Gateway) -> None:
