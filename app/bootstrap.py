@@ -163,6 +163,8 @@ class _Waiter:
                     upstreams += await asyncio.to_thread(expand_upstreams, [url], resolve)
                 except OSError as exc:
                     errors[url.rstrip("/")] = _describe(exc)
+            # One address named twice (a URL and a dns+http name, say) is one upstream.
+            upstreams = list(dict.fromkeys(upstreams))
             errors |= await self._probe(client, upstreams)
             if not errors:
                 return upstreams, {}

@@ -12,6 +12,7 @@ import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 import structlog
@@ -25,12 +26,23 @@ _SECRET_PARAM = re.compile(
 )
 
 
-def redact(text: str) -> str:
+def _redact_plain(text: str) -> str:
     if "pgw_" in text:
         text = _KEY.sub(r"\1...", text)
     if "=" in text:
         text = _SECRET_PARAM.sub(r"\1[redacted]", text)
     return text
+
+
+def redact(text: str) -> str:
+    redacted = _redact_plain(text)
+    if "%" in redacted:
+        # A URL's query is decoded before it is used (`?api%5Fkey=%70gw%5F...` is a working key),
+        # so it is checked decoded too; the line keeps its encoding unless that hid a secret.
+        decoded = unquote(redacted)
+        if _redact_plain(decoded) != decoded:
+            return _redact_plain(decoded)
+    return redacted
 
 
 def redact_secrets(

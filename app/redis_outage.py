@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 from typing import Final
 
@@ -82,8 +83,10 @@ class RedisOutage:
         self._since = time.monotonic()
         log.warning("redis_unavailable", error=type(exc).__name__, detected_by=by)
         if self._redis is not None:
+            # A context of its own: the probe outlives the request that saw the outage, and its
+            # "redis_recovered" line must not carry that request's id.
             self._probe = asyncio.get_running_loop().create_task(
-                self._probe_until_back(), name="redis-outage-probe"
+                self._probe_until_back(), name="redis-outage-probe", context=contextvars.Context()
             )
 
     def succeeded(self) -> None:

@@ -54,9 +54,10 @@ def _presented_key(connection: HTTPConnection) -> str | None:
 
 def _client_address(connection: HTTPConnection, state: AppState) -> str:
     host = connection.client.host if connection.client is not None else "unknown"
-    return client_address(
-        host, connection.headers.get("x-forwarded-for"), state.settings.trusted_proxies
-    )
+    # Several header lines are one list (RFC 9110 5.3); the proxy's own line comes last, so
+    # reading only the first would trust what the client wrote.
+    forwarded = ", ".join(connection.headers.getlist("x-forwarded-for")) or None
+    return client_address(host, forwarded, state.settings.trusted_proxies)
 
 
 async def _identify(connection: HTTPConnection, state: AppState, key: str) -> Principal | None:

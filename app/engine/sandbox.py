@@ -353,7 +353,12 @@ def bwrap_parts(
         # the job see the same files.
         for name, private in SCRATCH_DIRS.items():
             options += ["--bind", str(scratch / name), private]
-    options += ["--bind", str(job_dir), BOX_DIR, "--chdir", BOX_DIR, "--clearenv"]
+    options += ["--bind", str(job_dir), BOX_DIR]
+    # bwrap's own root and its /dev are tmpfs mounts in RAM, outside the job's disk cap and its
+    # memory limit: read-only once every mount point is made, so the job's capped folders (and
+    # /proc, and the device nodes, which a read-only mount still lets a job write to) are all
+    # it can write. Last, because bwrap creates mount points after this no more.
+    options += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", BOX_DIR, "--clearenv"]
     for key, value in env.items():
         options += ["--setenv", key, value]
     sandboxed = [

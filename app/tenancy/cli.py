@@ -24,7 +24,14 @@ from app.policy import check_tenant_caps
 from app.redis import open_redis
 from app.settings import Settings
 from app.tenancy.keys import parse_duration
-from app.tenancy.models import ApiKey, Scope, Tenant, TenantCreate, check_rate_limit
+from app.tenancy.models import (
+    ApiKey,
+    Scope,
+    Tenant,
+    TenantCreate,
+    check_browser_key_scopes,
+    check_rate_limit,
+)
 from app.tenancy.origins import normalize_origins
 from app.tenancy.store import RedisTenantStore
 
@@ -296,6 +303,8 @@ def create_key(
     except ValueError as exc:
         raise _fail(f"--expires-in: {exc}") from None
     try:
+        if origin and admin:
+            check_browser_key_scopes(["admin"])
         origins = normalize_origins(origin) if origin else None
     except ValueError as exc:
         raise _fail(f"--origin: {exc}") from None

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Annotated, Final, Literal
 
 from limits import RateLimitItem, parse_many
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_serializer, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from app.tenancy.origins import normalize_origins
@@ -22,6 +31,7 @@ __all__ = [
     "Tenant",
     "TenantCreate",
     "TenantUpdate",
+    "check_browser_key_scopes",
     "check_rate_limit",
 ]
 
@@ -206,6 +216,16 @@ class ApiKey(BaseModel):
         return self.expires_at is None or self.expires_at > (now or datetime.now(UTC))
 
 
+def check_browser_key_scopes(scopes: Iterable[str]) -> None:
+    """A browser key sits in public pages, and any script can send its Origin: it may run code
+    (within its per-client limit) but never administer. ValueError otherwise."""
+    if "admin" in scopes:
+        raise ValueError(
+            "a browser key (allowed_origins) is public in its pages and cannot have the admin"
+            " scope; mint a separate key for administration"
+        )
+
+
 class KeyCreate(BaseModel):
     """Body of `POST /admin/tenants/{id}/keys`: every field optional."""
 
@@ -236,10 +256,11 @@ class KeyCreate(BaseModel):
 
     @field_validator("allowed_origins")
     @classmethod
-    def _origins(cls, value: list[str] | None) -> list[str] | None:
+    def _origins(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
         if value is None:
             return None
         try:
+            check_browser_key_scopes(info.data.get("scopes", ()))
             return normalize_origins(value)
         except ValueError as exc:
             raise _invalid(str(exc)) from None
@@ -259,6 +280,14 @@ class KeyCreate(BaseModel):
     @classmethod
     def _unique_scopes(cls, value: list[Scope]) -> list[Scope]:
         return list(dict.fromkeys(value))
+
+    @field_validator("expires_at", mode="before")
+    @classmethod
+    def _iso_text(cls, value: object) -> object:
+        # Strict like every admin field: 1893456000 is not read as a time.
+        if value is not None and not isinstance(value, str):
+            raise _invalid("must be an ISO 8601 time in UTC, e.g. 2026-12-31T00:00:00Z")
+        return value
 
     @field_validator("expires_at")
     @classmethod

@@ -260,6 +260,29 @@ class TestInstalls:
         assert result.returncode == 0, result.stdout + result.stderr
         assert set(verdicts(result)) == {(url, "python-3.10.0") for url in addresses}
 
+    async def test_an_upstream_named_twice_is_installed_on_once(
+        self, pistons: list[FakePiston]
+    ) -> None:
+        """A plain URL and a dns+http name for the same address are one upstream."""
+        fake = pistons[0]
+
+        def resolve(host: str, port: int) -> list[str]:
+            return ["127.0.0.1"]
+
+        lines: list[str] = []
+        ok = await run_bootstrap(
+            [fake.url, f"dns+http://piston.local:{fake.port}"],
+            [Runtime("python", "3.10.0")],
+            wait=5,
+            echo=lines.append,
+            resolve=resolve,
+        )
+        assert ok is True
+        assert fake.installs == [PYTHON]
+        assert [line for line in lines if line.endswith(": installed")] == [
+            f"{fake.url} python-3.10.0: installed"
+        ]
+
 
 class TestWaiting:
     def test_waits_for_an_upstream_that_starts_late(self, pistons: list[FakePiston]) -> None:

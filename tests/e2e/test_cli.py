@@ -241,6 +241,10 @@ class TestKeys:
             (("keys", "create", "cli-keys", "--expires-in", "9" * 30 + "w"), "100 years"),
             (("keys", "create", "cli-keys", "--origin", "app.example.com"), "--origin"),
             (("keys", "create", "cli-keys", "--origin", "https://a.example/x"), "not an origin"),
+            (
+                ("keys", "create", "cli-keys", "--admin", "--origin", "https://a.example"),
+                "cannot have the admin scope",
+            ),
             (("keys", "create", "cli-keys", "--client-rate-limit", "lots"), "--client-rate-limit"),
             (("keys", "create", "cli-keys", "--client-rate-limit", "0/minute"), "allows no"),
             (("keys", "list", "nobody"), "tenant 'nobody' does not exist"),

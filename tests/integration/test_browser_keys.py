@@ -92,6 +92,22 @@ class TestMinting:
         listed = await gateway.client.get("/admin/tenants/acme/keys", headers=ADMIN)
         assert listed.json() == []
 
+    async def test_a_browser_key_cannot_administer(self, gateway: Gateway) -> None:
+        """A browser key is public in its pages and any script can send its Origin."""
+        await _tenant(gateway)
+        response = await _mint(gateway, {"allowed_origins": [APP], "scopes": ["execute", "admin"]})
+        assert response.status_code == 400, response.text
+        assert response.json()["message"].startswith("allowed_origins")
+        assert "cannot have the admin scope" in response.json()["message"]
+        listed = await gateway.client.get("/admin/tenants/acme/keys", headers=ADMIN)
+        assert listed.json() == []
+
+    async def test_expires_at_is_iso_text_only(self, gateway: Gateway) -> None:
+        await _tenant(gateway)
+        response = await _mint(gateway, {"expires_at": 1893456000})
+        assert response.status_code == 400, response.text
+        assert response.json()["message"].startswith("expires_at")
+
 
 class TestOriginCheck:
     async def test_allowed_origin_works_and_gets_cors_headers(self, gateway: Gateway) -> None:
@@ -293,6 +309,28 @@ class TestClientRateLimit:
         assert (await _from(gateway, key, "203.0.113.2")).status_code == 200
         # Both came from the same peer (no trusted proxy): one client, its 2 used up.
         assert (await _from(gateway, key, "203.0.113.3")).status_code == 429
+
+    async def test_a_forged_first_forwarded_for_line_changes_nothing(
+        self, make_gateway: GatewayFactory
+    ) -> None:
+        """A proxy that adds a header line of its own (HAProxy's `option forwardfor`) leaves the
+        client's forged line first: the lines are one list, read from the right."""
+        gateway = await make_gateway(**PROXY)
+        key = await _client_limited(gateway)
+        statuses = []
+        for n in range(3):
+            response = await gateway.client.post(
+                "/api/v2/execute",
+                json=PY,
+                headers=[
+                    ("Authorization", f"Bearer {key}"),
+                    ("Origin", APP),
+                    ("X-Forwarded-For", f"198.51.100.{n}"),  # the client's own, forged
+                    ("X-Forwarded-For", "203.0.113.9"),  # the proxy's
+                ],
+            )
+            statuses.append(response.status_code)
+        assert statuses == [200, 200, 429]
 
     async def test_refused_client_consumes_no_tenant_allowance(self, make_gateway: Any) -> None:
         gateway = await make_gateway(**PROXY)

@@ -172,6 +172,39 @@ def test_the_disk_cap_holds_across_every_writable_place(sandbox_engine: Service)
     assert int(least) > 0
 
 
+# Everywhere else a job might write: bwrap's own root and /dev are tmpfs mounts in RAM, outside
+# the job's cap and its memory limit, unless they are read-only.
+WRITE_OUTSIDE = """
+import errno, os
+for place in ("/", "/etc", "/dev", "/usr", "/home", "/box/.."):
+    try:
+        with open(os.path.join(place, "pgw-outside"), "wb") as f:
+            f.write(b"x" * 1024)
+        print(place, "written")
+    except OSError as exc:
+        print(place, errno.errorcode[exc.errno])
+for place in ("/", "/dev"):
+    try:
+        os.mkdir(os.path.join(place, "pgw-dir"))
+        print(place, "mkdir")
+    except OSError as exc:
+        print(place, errno.errorcode[exc.errno])
+with open("/dev/null", "wb") as f:  # devices still work on a read-only /dev
+    f.write(b"fine")
+print("devnull ok")
+"""
+
+
+def test_nothing_outside_the_capped_places_is_writable(sandbox_engine: Service) -> None:
+    stage = run(sandbox_engine, "python", WRITE_OUTSIDE)
+    assert stage["status"] is None, stage
+    lines = stage["stdout"].splitlines()
+    assert lines[-1] == "devnull ok", stage
+    for line in lines[:-1]:
+        place, outcome = line.split()
+        assert outcome in ("EROFS", "EACCES", "ENOENT", "EPERM"), (place, outcome, stage)
+
+
 def test_the_file_count_is_capped(sandbox_engine: Service) -> None:
     code = (
         "import os\ncount = 0\ntry:\n"

@@ -64,6 +64,16 @@ class TestRedact:
         line = f'"WebSocket /api/v2/connect?x=1&{name}=hunter2&y=2" [accepted]'
         assert redact(line) == f'"WebSocket /api/v2/connect?x=1&{name}=[redacted]&y=2" [accepted]'
 
+    def test_a_percent_encoded_key_is_caught_too(self) -> None:
+        encoded = KEY.replace("pgw_", "%70gw%5F")
+        line = f'"WebSocket /api/v2/connect?api%5Fkey={encoded}" [accepted]'
+        assert KEY[12:] not in redact(line)
+        assert redact(line) == '"WebSocket /api/v2/connect?api_key=[redacted]" [accepted]'
+        assert KEY[12:] not in redact(f"/x?y={encoded}")
+
+    def test_an_encoded_line_without_a_secret_keeps_its_encoding(self) -> None:
+        assert redact("/api/v2/runtimes?q=a%20b") == "/api/v2/runtimes?q=a%20b"
+
     def test_other_parameters_stay(self) -> None:
         assert redact("/api/v2/runtimes?language=python") == "/api/v2/runtimes?language=python"
 
