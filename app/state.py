@@ -1,4 +1,5 @@
-"""What the lifespan opens, hung on `app.state.gateway`, and the Annotated accessors routes use.
+"""What the lifespan opens, hung on `app.state.gateway` as one typed state (routes reach it with
+`app.api.deps.StateDep`).
 
 No module-level singletons: every app (each test builds its own) carries its own clients.
 """
@@ -6,9 +7,8 @@ No module-level singletons: every app (each test builds its own) carries its own
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-from fastapi import Depends, Request
 from redis.asyncio import Redis
 from starlette.requests import HTTPConnection
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from app.upstream.catalog import RuntimeCatalog
     from app.upstream.pool import PistonPool
 
-__all__ = ["AppState", "StateDep", "get_state"]
+__all__ = ["AppState", "get_state"]
 
 
 @dataclass
@@ -50,12 +50,3 @@ class AppState:
 def get_state(connection: HTTPConnection) -> AppState:
     state: AppState = connection.app.state.gateway
     return state
-
-
-async def _state_dependency(request: Request) -> AppState:
-    # async on purpose: FastAPI runs a plain `def` dependency in a thread pool, a thread hop
-    # per request on the hot path.
-    return get_state(request)
-
-
-StateDep = Annotated[AppState, Depends(_state_dependency)]

@@ -24,7 +24,7 @@ from starlette.responses import Response
 from app.errors import Forbidden, Unauthorized
 from app.limits.failures import client_address
 from app.limits.gate import ClientLimit
-from app.state import AppState, StateDep, get_state
+from app.state import AppState, get_state
 from app.tenancy.keys import key_from_headers
 from app.tenancy.models import Principal
 from app.tenancy.origins import request_origin
@@ -116,6 +116,15 @@ def principal_of(connection: HTTPConnection) -> Principal:
     """The Principal `authorize` found for this request (on a keyed router's route)."""
     principal: Principal = connection.state.principal
     return principal
+
+
+async def _state_dependency(request: Request) -> AppState:
+    # async on purpose: FastAPI runs a plain `def` dependency in a thread pool, a thread hop
+    # per request.
+    return get_state(request)
+
+
+StateDep = Annotated[AppState, Depends(_state_dependency)]
 
 
 async def _principal_dependency(request: Request) -> Principal:

@@ -11,8 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from starlette.responses import Response
 
+from app.api.deps import AppState, StateDep
 from app.middleware import json_response
-from app.state import AppState, StateDep
 
 __all__ = ["router"]
 
