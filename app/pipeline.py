@@ -157,6 +157,7 @@ class _Admitting:
         "_client",
         "_cost",
         "_lease_ttl_ms",
+        "_leases",
         "_state",
         "_tenant",
     )
@@ -170,10 +171,11 @@ class _Admitting:
         lease_ttl_ms: int,
         cost: int,
         client: ClientLimit | None,
+        leases: int,
     ) -> None:
         self._state, self._tenant = state, tenant
         self._cache_key, self._lease_ttl_ms, self._cost = cache_key, lease_ttl_ms, cost
-        self._client = client
+        self._client, self._leases = client, leases
         self._admission: Admission | None = None
 
     async def __aenter__(self) -> Admission:
@@ -183,6 +185,7 @@ class _Admitting:
             lease_ttl_ms=self._lease_ttl_ms,
             cost=self._cost,
             client=self._client,
+            leases=self._leases,
         )
         return self._admission
 
@@ -219,12 +222,14 @@ def admit(
     lease_ttl_ms: int | None = None,
     read_cache: bool = True,
     client: ClientLimit | None = None,
+    leases: int = 1,
 ) -> _Admitting:
     """Count the request against the tenant's limits and read its cache entry, in one round trip.
 
     Refuses with 429 (rate limit, quota, concurrency) or 503 (Redis unreachable, failing
-    closed). A batch is `cost` executions at once with one lease of `lease_ttl_ms` (default:
-    the plan's), and reads no entry here (`read_cache=False`): each case reads its own.
+    closed). A batch is `cost` executions at once, with up to `leases` of the tenant's leases
+    (as many as are free, at least one; `Admission.leases`) of `lease_ttl_ms` (default: the
+    plan's), and reads no entry here (`read_cache=False`): each case reads its own.
     `client`: a browser key's per-visitor limit, counted in the same round trip.
     """
     return _Admitting(
@@ -234,6 +239,7 @@ def admit(
         lease_ttl_ms=lease_ttl_ms or planned.lease_ttl_ms,
         cost=cost,
         client=client,
+        leases=leases,
     )
 
 

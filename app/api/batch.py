@@ -7,13 +7,13 @@ is the execute's and an execute of the same program and input shares its entry a
 (`Plan.with_input`, `run_once`).
 
 Admission: the N cases are N executions of the tenant's rate limit and quota, taken in ONE admit
-(`cost=N`), all or nothing. Concurrency: the batch holds one lease of the tenant's
-`max_concurrency` for its whole run (so it is refused like an execute when the tenant is at its
-cap) and runs its cases under a semaphore of `max_concurrency` of its own (the process's
-`GATEWAY_MAX_CONCURRENCY` for a tenant without a cap), each inside the process's upstream slots
-like any execute. The tenant's cap thus bounds the cases of one batch in flight; taking one lease
-per running case instead would make a batch of a tenant with a cap of 1 racing its own executes
-fail midway, which the all-or-nothing admission promises it will not.
+(`cost=N`), all or nothing. Concurrency: every case in flight holds one of the tenant's
+`max_concurrency` leases, as every execute does, so two batches (or a batch and executes) never
+have more than the cap in flight together. The admit takes as many leases as are free, up to
+min(N, cap), at least one (refused like an execute when none is free), all in the same round
+trip, and the batch runs that many cases side by side for its whole run: it never has to take a
+lease midway, so a batch admitted is never refused halfway (a tenant without a cap takes no
+lease, and its cases are bound by `GATEWAY_MAX_CONCURRENCY` and the process's upstream slots).
 
 Order: the first case runs alone, then the others start in request order, up to the bound at once.
 A compile error (or, with `stop_on_failure`, any failure) stops the starting: the cases not
@@ -25,7 +25,6 @@ not N.
 from __future__ import annotations
 
 import asyncio
-import math
 from typing import Any, Final
 
 import orjson
@@ -389,19 +388,23 @@ async def batch(request: Request) -> Response:
     parsed = parse_batch(body, max_cases=settings.max_batch_cases)
     base = plan(tenant, parsed.execute, request.headers, settings=settings, catalog=state.catalog)
     run = _Run(state, parsed, base)
-    concurrency = min(tenant.max_concurrency or settings.max_concurrency, settings.max_concurrency)
+    bound = min(tenant.max_concurrency or settings.max_concurrency, settings.max_concurrency)
     count = len(parsed.cases)
-    # The lease must outlive the whole batch: the first case, then rounds of `concurrency`.
-    rounds = 1 + math.ceil((count - 1) / concurrency)
     async with admit(
         state,
         tenant,
         base,
         cost=count,
-        lease_ttl_ms=base.lease_ttl_ms * rounds,
+        # The leases must outlive the whole batch, which may get only one of them (then the
+        # cases run one after another): a lease per case's time, all in a row.
+        lease_ttl_ms=base.lease_ttl_ms * count,
         read_cache=False,
         client=client_limit(request, principal),
+        leases=min(count, bound),
     ) as admission:
+        # Every case in flight holds one of the tenant's leases: as many side by side as the
+        # batch got (a tenant without a cap takes none, and is bound by the process's slots).
+        concurrency = admission.leases if admission.lease is not None else bound
         results = await run.run_all(concurrency, admission)
     return json_response(
         answer_json(base.runtime.language, base.runtime.version, results),

@@ -41,6 +41,7 @@ __all__ = [
     "Window",
     "counted_windows",
     "day_end",
+    "lease_ids",
     "rate_limit_headers",
     "refusal",
     "refuse",
@@ -84,6 +85,16 @@ class Admission:
     cpu_time_ms: float = 0.0
     wall_time_ms: float = 0.0
     cache_hits: int = 0  # a batch's cases answered from the cache
+    # A batch may hold several leases: `lease` and then `f"{lease}:{n}"` for n in 2..leases.
+    leases: int = 1
+
+    def lease_ids(self) -> list[str]:
+        return lease_ids(self.lease, self.leases) if self.lease is not None else []
+
+
+def lease_ids(lease: str, count: int) -> list[str]:
+    """The names of `count` leases taken together: the first, then `lease:2`, `lease:3`, ..."""
+    return [lease, *(f"{lease}:{n}" for n in range(2, count + 1))]
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +116,13 @@ class Gate(Protocol):
         lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS,
         cost: int = 1,
         client: ClientLimit | None = None,
+        leases: int = 1,
     ) -> Admission:
-        """`cost` executions at once (a batch), all or none; still one lease, one cache read.
+        """`cost` executions at once (a batch), all or none; one cache read.
+
+        A tenant with a `max_concurrency` gets one lease, or for `leases` > 1 (a batch that
+        would run cases side by side) as many as are free up to that, at least one
+        (`Admission.leases`): so every execution in flight holds one of the tenant's leases.
 
         With `client`, that client's windows are counted too, in the same step: admitted only
         when the tenant's and the client's windows all allow it.

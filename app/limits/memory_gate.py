@@ -28,6 +28,7 @@ from app.limits.gate import (
     Strategy,
     UsageCounters,
     counted_windows,
+    lease_ids,
     quota_state,
     rate_limit_headers,
     refuse,
@@ -76,6 +77,7 @@ class MemoryGate:
         lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS,
         cost: int = 1,
         client: ClientLimit | None = None,
+        leases: int = 1,
     ) -> Admission:
         now = time.time()
         day = utc_day(now)
@@ -91,14 +93,14 @@ class MemoryGate:
                 await self._limiter.test(w.item, tenant.id, *w.identity, cost=cost) for w in windows
             ]
             quota_used = self._quota.get((tenant.id, day), 0)
-            leases = self._live_leases(tenant.id)
+            held = self._live_leases(tenant.id)
             want_lease = bool(tenant.max_concurrency) and cached is None
             reason: Refusal | None = None
             if not all(allowed):
                 reason = "rate_limit"
             elif quota and quota_used + cost > quota:
                 reason = "quota"
-            elif want_lease and len(leases) >= (tenant.max_concurrency or 0):
+            elif want_lease and len(held) >= (tenant.max_concurrency or 0):
                 reason = "concurrency"
             if reason is None:
                 for w in windows:
@@ -133,14 +135,24 @@ class MemoryGate:
             )
             raise refuse(reason, counted, metrics=self._metrics)
 
-        lease = None
+        lease, granted = None, 1
         if want_lease:
             lease = uuid.uuid4().hex
-            leases[lease] = time.monotonic() + lease_ttl_ms / 1000
+            # One lease, or as many of those wanted as are free (at least the one checked above).
+            granted = min(max(1, leases), (tenant.max_concurrency or 0) - len(held))
+            for lease_id in lease_ids(lease, granted):
+                held[lease_id] = time.monotonic() + lease_ttl_ms / 1000
         usage.add("executions", cost)
         if cached is not None:
             usage.add("cache_hits")
-        return Admission(headers=headers, cached=cached, lease=lease, tenant_id=tenant.id, day=day)
+        return Admission(
+            headers=headers,
+            cached=cached,
+            lease=lease,
+            tenant_id=tenant.id,
+            day=day,
+            leases=granted,
+        )
 
     def _live_leases(self, tenant_id: str) -> dict[str, float]:
         """The tenant's leases, the expired ones dropped (a request that never finished)."""
@@ -172,8 +184,9 @@ class MemoryGate:
         wall_time_ms: float,
         cache_hits: int = 0,
     ) -> None:
-        if admission.lease is not None:
-            self._leases.get(admission.tenant_id, {}).pop(admission.lease, None)
+        held = self._leases.get(admission.tenant_id, {})
+        for lease_id in admission.lease_ids():
+            held.pop(lease_id, None)
         usage = self._usage_for(admission.tenant_id, admission.day)
         if error:
             usage.add("errors")

@@ -79,8 +79,9 @@ _REFUSALS: Final[dict[int, Refusal]] = {
 # ARGV[4] quota key TTL (s)           ARGV[5] concurrency cap (0: none)
 # ARGV[6] token: this request's lease id, and its moving-window entry
 # ARGV[7] lease TTL (ms)              ARGV[8] usage TTL (s)
-# ARGV[9..] per window: amount, length (s)   then last: cost, the executions asked for (a batch)
-# Returns {outcome, cached or false, now_ms, quota used, leases held,
+# ARGV[9..] per window: amount, length (s)   then: cost, the executions asked for (a batch),
+#           and the leases wanted (a batch running cases side by side; at least one is taken)
+# Returns {outcome, cached or false, now_ms, quota used, leases granted,
 #          then per window: count, reset_ms}
 ADMIT_SCRIPT: Final = """
 -- Redis's clock, shared by every replica; ms is enough for windows of a second or more.
@@ -93,6 +94,8 @@ local token = ARGV[6]
 local outcome = 0
 local nwin = #KEYS - 4
 local cost = tonumber(ARGV[9 + 2 * nwin])
+local want = tonumber(ARGV[10 + 2 * nwin])
+local granted = 0
 
 -- 1. The cache read: a hit still counts against the limits, but takes no lease.
 local cached = false
@@ -148,7 +151,7 @@ end
 -- The reply, flat: {outcome, cached or false, now, quota used, leases, counts..., resets...}
 -- (built by index: Lua keeps only the first value of an unpack() that is not last).
 local function reply(result, entry)
-    local out = {result, entry, now_ms, quota_used, leases}
+    local out = {result, entry, now_ms, quota_used, granted}
     for i = 1, nwin do out[5 + i] = counts[i] end
     for i = 1, nwin do out[5 + nwin + i] = resets[i] end
     return out
@@ -191,8 +194,12 @@ if quota > 0 then
 end
 if want_lease then
     local lease_ttl = tonumber(ARGV[7])
-    redis.call('ZADD', KEYS[3], now_ms + lease_ttl, token)
-    leases = leases + 1
+    -- One lease, or as many of those wanted as are free (at least the one checked above).
+    granted = math.min(want, cap - leases)
+    for j = 1, granted do
+        redis.call('ZADD', KEYS[3], now_ms + lease_ttl, j == 1 and token or (token .. ':' .. j))
+    end
+    leases = leases + granted
     -- The zset lives as long as its longest lease, never shorter.
     if redis.call('PTTL', KEYS[3]) < lease_ttl then
         redis.call('PEXPIRE', KEYS[3], lease_ttl)
@@ -211,10 +218,13 @@ return reply(outcome, cached)
 # After the run: release the lease, add the run to usage (the answer's write is the cache's own,
 # app.cache.store). KEYS: concurrency zset, usage hash
 # ARGV: lease id or "", error 0/1, cpu_time_ms, wall_time_ms, cache hits (a batch's cases
-#       answered from the cache)
+#       answered from the cache), leases held (the lease id, then id:2, id:3, ...)
 FINISH_SCRIPT = """
 if tonumber(ARGV[5]) ~= 0 then redis.call('HINCRBY', KEYS[2], 'cache_hits', ARGV[5]) end
-if ARGV[1] ~= '' then redis.call('ZREM', KEYS[1], ARGV[1]) end
+if ARGV[1] ~= '' then
+    redis.call('ZREM', KEYS[1], ARGV[1])
+    for j = 2, tonumber(ARGV[6]) do redis.call('ZREM', KEYS[1], ARGV[1] .. ':' .. j) end
+end
 if ARGV[2] == '1' then redis.call('HINCRBY', KEYS[2], 'errors', 1) end
 if tonumber(ARGV[3]) ~= 0 then redis.call('HINCRBYFLOAT', KEYS[2], 'cpu_time_ms', ARGV[3]) end
 if tonumber(ARGV[4]) ~= 0 then redis.call('HINCRBYFLOAT', KEYS[2], 'wall_time_ms', ARGV[4]) end
@@ -262,6 +272,7 @@ class RedisGate:
         lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS,
         cost: int = 1,
         client: ClientLimit | None = None,
+        leases: int = 1,
     ) -> Admission:
         """Count the request against every limit of `tenant` in one round trip, or raise 429.
 
@@ -294,7 +305,7 @@ class RedisGate:
         ]
         for w in windows:
             args += (w.amount, w.seconds)
-        args.append(max(1, cost))
+        args += (max(1, cost), max(1, leases))
         if self._outage.active:
             return self._unavailable(tenant.id, day)
         try:
@@ -305,7 +316,7 @@ class RedisGate:
             return self._unavailable(tenant.id, day)
         self._outage.succeeded()
 
-        outcome, cached, now_ms, quota_used, _leases = reply[:5]
+        outcome, cached, now_ms, quota_used, granted = reply[:5]
         n = len(windows)
         counts: Sequence[int] = reply[5 : 5 + n]
         resets: Sequence[int] = reply[5 + n : 5 + 2 * n]
@@ -340,6 +351,7 @@ class RedisGate:
             lease=token if took_lease else None,
             tenant_id=tenant.id,
             day=day,
+            leases=max(1, int(granted)),
         )
 
     def _unavailable(self, tenant_id: str, day: str) -> Admission:
@@ -376,6 +388,7 @@ class RedisGate:
             cpu_time_ms,
             wall_time_ms,
             cache_hits,
+            admission.leases,
         ]
         try:
             async with asyncio.timeout(self._deadline_s):

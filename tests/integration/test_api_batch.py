@@ -313,6 +313,46 @@ class TestConcurrency:
         # The lease is given back with the batch's answer.
         assert (await gateway.execute(key, python("print(3)"))).status_code == 200
 
+    async def test_a_batch_takes_only_the_leases_left(self, gateway: Gateway) -> None:
+        """With one execute in flight and a cap of 3, a batch runs 2 cases at a time, not 3:
+        every execution in flight holds one of the tenant's leases."""
+        key = await gateway.tenant(max_concurrency=3)
+        source = "import time\ns = time.time()\ntime.sleep(0.8)\nprint(s, time.time())\n"
+        slow = asyncio.create_task(
+            gateway.execute(key, python("import time\ntime.sleep(3)\nprint('slow')"))
+        )
+        deadline = asyncio.get_running_loop().time() + 5
+        while gateway.state.slots.in_flight == 0:  # the execute holds its lease, upstream
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        cases = [{"stdin": str(n)} for n in range(5)]
+        response = await post(gateway, key, python(source, cases=cases))
+        assert verdicts(response) == ["ran"] * 5
+        spans = [tuple(map(float, c["run"]["stdout"].split())) for c in response.json()["cases"]]
+        overlap = max(sum(1 for s, e in spans if s <= start < e) for start, _ in spans)
+        assert overlap == 2
+        assert (await slow).status_code == 200
+
+    async def test_a_second_batch_is_refused_while_the_first_holds_every_lease(
+        self, gateway: Gateway
+    ) -> None:
+        key = await gateway.tenant(max_concurrency=2)
+        source = "import time\ntime.sleep(0.6)\nprint(input())\n"
+        first = asyncio.create_task(
+            post(gateway, key, python(source, cases=[{"stdin": str(n)} for n in range(3)]))
+        )
+        deadline = asyncio.get_running_loop().time() + 5
+        while gateway.state.slots.in_flight == 0:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        second = await post(gateway, key, python(source, cases=[{"stdin": "9"}]))
+        assert second.status_code == 429
+        assert second.json() == {"message": "concurrency limit of 2 executions in flight reached"}
+        assert verdicts(await first) == ["ran"] * 3
+        # Every lease is given back with the answer: a batch using both runs again.
+        again = await post(gateway, key, python(source, cases=[{"stdin": "7"}, {"stdin": "8"}]))
+        assert verdicts(again) == ["ran", "ran"]
+
 
 class TestValidation:
     @pytest.mark.parametrize(

@@ -95,6 +95,28 @@ async def test_a_cost_takes_one_lease(make_gate: GateFactory, redis: Redis) -> N
         assert await redis.zcard(f"{CONCURRENCY}{who.id}") == 0
 
 
+async def test_leases_asked_for_are_granted_as_far_as_free(
+    make_gate: GateFactory, redis: Redis
+) -> None:
+    g = make_gate("fixed-window")
+    who = tenant(rate_limit="100/minute", max_concurrency=3)
+    execute = await g.admit(who, cache_key=None)
+    batch = await g.admit(who, cache_key=None, cost=5, leases=5)
+    assert (execute.leases, batch.leases) == (1, 2)  # what was left of the cap of 3
+    with pytest.raises(TooManyRequests, match="concurrency limit of 3"):
+        await g.admit(who, cache_key=None, leases=2)
+    await g.finish(batch, error=False, cpu_time_ms=0, wall_time_ms=0)
+    if isinstance(g, RedisGate):
+        assert await redis.zcard(f"{CONCURRENCY}{who.id}") == 1
+    # Both of the batch's leases are back: two more fit beside the execute's.
+    again = await g.admit(who, cache_key=None, cost=2, leases=2)
+    assert again.leases == 2
+    for admission in (again, execute):
+        await g.finish(admission, error=False, cpu_time_ms=0, wall_time_ms=0)
+    if isinstance(g, RedisGate):
+        assert await redis.zcard(f"{CONCURRENCY}{who.id}") == 0
+
+
 async def test_finish_counts_cache_hits(make_gate: GateFactory) -> None:
     g = make_gate("fixed-window")
     who = tenant(rate_limit="100/minute")
