@@ -125,6 +125,8 @@ async def _receive_init(websocket: WebSocket, max_bytes: int) -> str:
 async def _principal(websocket: WebSocket) -> Principal | None:
     try:
         return await authorize(websocket, "execute")
+    except ServiceUnavailable:  # the key cannot be checked now (Redis): not an invalid key
+        raise
     except GatewayError:  # no key, an invalid one, no scope, too many failed attempts
         return None
 
@@ -153,6 +155,15 @@ async def connect(websocket: WebSocket) -> None:
     first_message = asyncio.create_task(_receive_init(websocket, settings.max_body_bytes))
     try:
         principal = await _principal(websocket)
+    except ServiceUnavailable as exc:
+        await _stop(first_message)
+        # As HTTP answers 503: the reason as an `error` message, then 1013 "Try Again Later".
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect, OSError):
+            await websocket.send_text(
+                orjson.dumps({"type": "error", "message": exc.message}).decode()
+            )
+        await close_client(websocket, 1013, "try again later")
+        return
     except BaseException:
         await _stop(first_message)
         raise

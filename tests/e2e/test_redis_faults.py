@@ -22,6 +22,8 @@ import httpx
 import orjson
 import pytest
 import redis
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 from tests.support import RedisServer, Service, start_gateway
 
@@ -166,6 +168,24 @@ def test_redis_killed_and_hung_under_load(
             gateway.stop()
 
 
+def _assert_websocket_says_try_later(gateway: Service, key: str) -> None:
+    """A key that cannot be checked is not an invalid one: told so, and closed 1013."""
+    url = gateway.url.replace("http://", "ws://") + "/api/v2/connect"
+    received: list[dict[str, object]] = []
+    with connect(url, additional_headers={"X-API-Key": key}, open_timeout=10) as socket:
+        try:
+            while True:
+                received.append(orjson.loads(socket.recv(timeout=10)))
+        except ConnectionClosed:
+            pass
+        assert socket.protocol.close_rcvd is not None
+        code = socket.protocol.close_rcvd.code
+    assert code == 1013, (code, received)
+    assert received, received
+    assert received[0]["type"] == "error", received
+    assert "unavailable" in str(received[0]["message"]), received
+
+
 def _mint_keys(gateway: Service, count: int) -> list[str]:
     created = httpx.post(f"{gateway.url}/admin/tenants", json={"id": "faults"}, headers=ADMIN)
     assert created.status_code == 201, created.text
@@ -214,6 +234,7 @@ def _run_faults(server: RedisServer, gateways: list[Service], *, fail_open: bool
     server.proc.wait()
     killed = asyncio.run(_load(gateways, verified, unseen))
     _assert_outage(killed, fail_open=fail_open, phase="killed")
+    _assert_websocket_says_try_later(gateways[1], unseen[-1])
     server.start()  # same port, same dir: the dump is loaded
     recovered = _recovered_within(gateways, verified, unseen[0])
     assert recovered <= RECOVERY_S, f"recovered after a kill in {recovered:.1f}s"
