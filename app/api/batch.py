@@ -40,9 +40,12 @@ from app.api.deps import (
     with_trailing_slash,
 )
 from app.batch import BatchRequest, CaseResult, answer_json, parse_batch, stops_batch, verdict
-from app.errors import GatewayError, message_responses
+from app.errors import BadRequest, GatewayError, message_responses
+from app.limits.gate import ClientLimit, counted_windows
 from app.middleware import json_response, read_json_body
 from app.pipeline import NO_CACHE, Admission, Plan, admit, plan, run_once
+from app.settings import Settings
+from app.tenancy.models import Tenant
 
 __all__ = ["BATCH_REQUEST_SCHEMA", "BATCH_RESPONSE_SCHEMA", "router"]
 
@@ -379,6 +382,26 @@ _DOCS: Final[dict[str, Any]] = {
 }
 
 
+def _never_admitted(
+    tenant: Tenant, client: ClientLimit | None, settings: Settings, count: int
+) -> BadRequest | None:
+    """A batch larger than a whole window (or the whole daily quota) could never be admitted:
+    a 429 would only send the client to wait and retry forever."""
+    limit = tenant.rate_limit or settings.default_rate_limit
+    for window in counted_windows(limit, client, settings.rate_limit_strategy):
+        if count > window.amount:
+            return BadRequest(
+                f"this batch needs {count} executions, more than the rate limit of"
+                f" {window.describe()} allows at all: send at most {window.amount} cases"
+            )
+    if tenant.daily_quota and count > tenant.daily_quota:
+        return BadRequest(
+            f"this batch needs {count} executions, more than the daily quota of"
+            f" {tenant.daily_quota}: send at most {tenant.daily_quota} cases"
+        )
+    return None
+
+
 async def batch(request: Request) -> Response:
     """Run one program over test cases and grade each (scope `execute`; not part of Piston)."""
     principal = principal_of(request)  # authorized by the router (app.api.deps)
@@ -390,6 +413,10 @@ async def batch(request: Request) -> Response:
     run = _Run(state, parsed, base)
     bound = min(tenant.max_concurrency or settings.max_concurrency, settings.max_concurrency)
     count = len(parsed.cases)
+    client = client_limit(request, principal)
+    never = _never_admitted(tenant, client, settings, count)
+    if never is not None:
+        raise never
     async with admit(
         state,
         tenant,
@@ -399,7 +426,7 @@ async def batch(request: Request) -> Response:
         # cases run one after another): a lease per case's time, all in a row.
         lease_ttl_ms=base.lease_ttl_ms * count,
         read_cache=False,
-        client=client_limit(request, principal),
+        client=client,
         leases=min(count, bound),
     ) as admission:
         # Every case in flight holds one of the tenant's leases: as many side by side as the

@@ -248,20 +248,55 @@ class TestCacheSharedWithExecute:
 class TestAdmission:
     async def test_all_or_nothing(self, gateway: Gateway) -> None:
         key = await gateway.tenant(rate_limit="5/minute")
-        cases = [{"stdin": str(n)} for n in range(6)]
-        refused = await post(gateway, key, python("print(input())", cases=cases))
+        cases = [{"stdin": str(n)} for n in range(5)]
+        first = await post(gateway, key, python("print(input())", cases=cases[:2]))
+        assert verdicts(first) == ["ran"] * 2
+        refused = await post(gateway, key, python("print(input())", cases=cases[:4]))
         assert refused.status_code == 429
         assert refused.json() == {
-            "message": "this request needs 6 executions and 5 are left: "
+            "message": "this request needs 4 executions and 3 are left: "
             "rate limit exceeded: 5 per 1 minute"
         }
-        assert refused.headers["X-RateLimit-Remaining"] == "5"
+        assert refused.headers["X-RateLimit-Remaining"] == "3"
         assert "Retry-After" in refused.headers
-        admitted = await post(gateway, key, python("print(input())", cases=cases[:5]))
-        assert verdicts(admitted) == ["ran"] * 5
+        admitted = await post(gateway, key, python("print(input())", cases=cases[2:5]))
+        assert verdicts(admitted) == ["ran"] * 3
         assert admitted.headers["X-RateLimit-Remaining"] == "0"
         one_more = await gateway.execute(key, python("print(1)"))
         assert one_more.status_code == 429
+
+    @pytest.mark.parametrize(
+        ("fields", "message"),
+        [
+            (
+                {"rate_limit": "5/minute"},
+                "this batch needs 6 executions, more than the rate limit of 5 per 1 minute"
+                " allows at all: send at most 5 cases",
+            ),
+            (
+                {"rate_limit": "100/minute;5/hour"},
+                "this batch needs 6 executions, more than the rate limit of 5 per 1 hour"
+                " allows at all: send at most 5 cases",
+            ),
+            (
+                {"daily_quota": 5},
+                "this batch needs 6 executions, more than the daily quota of 5:"
+                " send at most 5 cases",
+            ),
+        ],
+    )
+    async def test_a_batch_that_can_never_fit_is_400_not_a_429_to_retry(
+        self, gateway: Gateway, fields: dict[str, Any], message: str
+    ) -> None:
+        key = await gateway.tenant(**fields)
+        cases = [{"stdin": str(n)} for n in range(6)]
+        refused = await post(gateway, key, python("print(input())", cases=cases))
+        assert refused.status_code == 400
+        assert refused.json() == {"message": message}
+        assert "Retry-After" not in refused.headers
+        # It consumed nothing: five still fit.
+        admitted = await post(gateway, key, python("print(input())", cases=cases[:5]))
+        assert verdicts(admitted) == ["ran"] * 5
 
     async def test_usage_counts_every_case(self, gateway: Gateway) -> None:
         key = await gateway.tenant(daily_quota=10)
