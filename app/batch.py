@@ -207,14 +207,13 @@ class CaseResult:
 
     id: str
     verdict: Verdict
-    cache: Literal["HIT", "MISS", "BYPASS"] | None = None  # None: not run
+    # A case not run has touched no cache: BYPASS (the contract's case always names its cache).
+    cache: Literal["HIT", "MISS", "BYPASS"] = "BYPASS"
     answer: Mapping[str, Any] | None = None
     message: str | None = None  # why, for an internal_error the gateway saw
 
     def as_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"id": self.id, "verdict": self.verdict}
-        if self.cache is not None:
-            data["cache"] = self.cache
+        data: dict[str, Any] = {"id": self.id, "verdict": self.verdict, "cache": self.cache}
         if self.answer is not None:
             for stage in ("compile", "run"):
                 if stage in self.answer:

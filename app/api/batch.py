@@ -167,7 +167,7 @@ _C_ANSWER: Final[dict[str, Any]] = {
             "compile": _C_STAGE,
             "run": _C_STAGE,
         },
-        {"id": "1", "verdict": "not_run"},
+        {"id": "1", "verdict": "not_run", "cache": "BYPASS"},
     ],
 }
 
@@ -250,6 +250,7 @@ BATCH_RESPONSE_SCHEMA: Final[dict[str, Any]] = {
             "type": "array",
             "items": {
                 "type": "object",
+                "required": ["id", "verdict", "cache"],
                 "properties": {
                     "id": {"type": "string"},
                     "verdict": {"type": "string", "enum": _VERDICTS},

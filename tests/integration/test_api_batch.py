@@ -105,7 +105,7 @@ class TestVerdicts:
         data = response.json()
         assert data["cases"][0]["compile"]["code"] != 0
         assert "error" in data["cases"][0]["compile"]["stderr"]
-        assert data["cases"][1] == {"id": "1", "verdict": "not_run"}
+        assert data["cases"][1] == {"id": "1", "verdict": "not_run", "cache": "BYPASS"}
         summary = data["summary"]
         assert (summary["passed"], summary["failed"], summary["not_run"]) == (0, 1, 2)
         assert summary["verdict"] == "compile_error"

@@ -220,6 +220,6 @@ class TestSummary:
                 "cache": "MISS",
                 "message": "the upstream failed",
             },
-            {"id": "2", "verdict": "not_run"},
+            {"id": "2", "verdict": "not_run", "cache": "BYPASS"},
         ]
         assert (data["language"], data["version"]) == ("python", "3.12.3")
