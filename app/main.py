@@ -28,6 +28,7 @@ from app.middleware import (
 )
 from app.redis import open_redis
 from app.redis_outage import RedisOutage
+from app.redis_pipeline import PipelinedRedis
 from app.settings import Settings
 from app.state import AppState
 from app.tenancy.authenticator import Authenticator
@@ -82,6 +83,14 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics=metrics,
         transport=app.state.upstream_transport,
     )
+    # The two script calls of every request (admit, finish) on one pipelined connection: the
+    # hot path's Redis client (app/redis_pipeline.py, README "Benchmarks"). Through Sentinel the
+    # master can move, which that client does not follow: redis-py serves everything then.
+    scripts = (
+        PipelinedRedis(str(settings.redis_url), client_name="pgw-gateway-hot")
+        if redis is not None and not settings.redis_sentinels
+        else None
+    )
     outage = RedisOutage(redis)
     cache = create_cache_store(redis, outage=outage)
     store = create_store(redis, outage=outage)
@@ -101,7 +110,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         catalog=RuntimeCatalog(pool),
         store=store,
         authenticator=authenticator,
-        gate=create_gate(redis, settings=settings, metrics=metrics, outage=outage, cache=cache),
+        gate=create_gate(
+            redis, settings=settings, metrics=metrics, outage=outage, cache=cache, scripts=scripts
+        ),
         cache=cache,
         slots=UpstreamSlots(
             settings.max_concurrency,
@@ -138,6 +149,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.auth_failures.close()
         await outage.close()
         await pool.close()
+        if scripts is not None:
+            await scripts.aclose()
         if redis is not None:
             await redis.aclose()
 

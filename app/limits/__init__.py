@@ -26,6 +26,7 @@ from app.limits.redis_gate import RedisGate
 from app.limits.slots import UpstreamSlots
 from app.metrics import Metrics
 from app.redis_outage import RedisOutage
+from app.redis_pipeline import PipelinedRedis
 from app.settings import Settings
 
 __all__ = [
@@ -50,6 +51,7 @@ def create_gate(
     metrics: Metrics | None,
     outage: RedisOutage | None = None,
     cache: CacheStore | None = None,
+    scripts: PipelinedRedis | None = None,
 ) -> Gate:
     """The Redis gate when the app has Redis, else the in-process one (one process only).
 
@@ -68,4 +70,5 @@ def create_gate(
         fail_open=settings.rate_limit_fail_open,
         metrics=metrics,
         outage=outage,
+        scripts=scripts,
     )

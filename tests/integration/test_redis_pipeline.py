@@ -356,3 +356,25 @@ async def test_the_gate_runs_on_it_unchanged_and_an_outage_is_a_503(own_redis: R
                 await gate.admit(tenant, cache_key=None)
     finally:
         await c.aclose()
+
+
+async def test_the_gateways_admit_goes_over_the_pipelined_connection(
+    make_gateway: Any, redis_server: RedisServer
+) -> None:
+    """An execute's admit and finish run on the hot path's own connection, named for CLIENT
+    LIST; a cache hit's one call goes there too."""
+    gateway = await make_gateway()
+    key = await gateway.tenant()
+    body = {"language": "python", "version": "*", "files": [{"content": "print(1)"}]}
+    assert (await gateway.execute(key, body)).status_code == 200
+    inspector = redis.Redis.from_url(redis_server.url)
+    try:
+        hot = [c for c in inspector.client_list() if c.get("name") == "pgw-gateway-hot"]
+        assert len(hot) == 1, inspector.client_list()
+        hit = await gateway.execute(key, body)
+        assert hit.headers["X-Cache"] == "HIT"
+        (after,) = [c for c in inspector.client_list() if c.get("name") == "pgw-gateway-hot"]
+        assert after["id"] == hot[0]["id"]  # the same connection, kept
+        assert after["cmd"] == "evalsha"  # the hit's one call, the admit script, went there
+    finally:
+        inspector.close()
