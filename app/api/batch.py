@@ -25,7 +25,7 @@ not N.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Final
+from typing import Any, Final, get_args
 
 import orjson
 from fastapi import Request
@@ -39,7 +39,15 @@ from app.api.deps import (
     principal_of,
     with_trailing_slash,
 )
-from app.batch import BatchRequest, CaseResult, answer_json, parse_batch, stops_batch, verdict
+from app.batch import (
+    BatchRequest,
+    CaseResult,
+    Verdict,
+    answer_json,
+    parse_batch,
+    stops_batch,
+    verdict,
+)
 from app.errors import BadRequest, GatewayError, message_responses
 from app.limits.gate import ClientLimit, counted_windows
 from app.middleware import json_response, read_json_body
@@ -176,17 +184,7 @@ _STAGE_SCHEMA: Final[dict[str, Any]] = {
     "description": "Piston's stage, unchanged",
     "additionalProperties": True,
 }
-_VERDICTS: Final = [
-    "accepted",
-    "wrong_answer",
-    "ran",
-    "runtime_error",
-    "time_limit",
-    "output_limit",
-    "compile_error",
-    "internal_error",
-    "not_run",
-]
+_VERDICTS: Final = list(get_args(Verdict))  # the schema names exactly what the code grades
 BATCH_REQUEST_SCHEMA: Final[dict[str, Any]] = {
     "type": "object",
     "required": ["language", "version", "files", "cases"],
