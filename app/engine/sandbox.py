@@ -44,7 +44,6 @@ __all__ = [
     "StageResult",
     "SupervisorReport",
     "UidPool",
-    "bwrap_argv",
     "bwrap_parts",
     "classify",
     "parse_report",
@@ -282,31 +281,6 @@ def _system_binds() -> list[str]:
     for entry in etc:
         args += ["--ro-bind", entry, entry]
     return args
-
-
-def bwrap_argv(
-    *,
-    settings: EngineSettings,
-    job_dir: Path,
-    env: Mapping[str, str],
-    command: Sequence[str],
-    limits: StageLimits,
-    status_fd: int,
-    control_fd: int,
-    scratch: Path | None = None,
-) -> list[str]:
-    """bwrap_parts as one argv: bwrap, its options, `--`, the sandboxed command."""
-    bwrap, options, sandboxed = bwrap_parts(
-        settings=settings,
-        job_dir=job_dir,
-        env=env,
-        command=command,
-        limits=limits,
-        status_fd=status_fd,
-        control_fd=control_fd,
-        scratch=scratch,
-    )
-    return [bwrap, *options, "--", *sandboxed]
 
 
 def bwrap_parts(

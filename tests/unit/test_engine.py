@@ -7,6 +7,7 @@ import dataclasses
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,7 @@ from app.engine.sandbox import (
     PendingStdin,
     StageLimits,
     SupervisorReport,
-    bwrap_argv,
+    bwrap_parts,
     classify,
     parse_report,
     run_stage,
@@ -84,6 +85,13 @@ def test_java_runs_the_source_launcher() -> None:
     argv = host.run_argv("file0.code", ["x"])
     assert argv[0] == "/j/java"
     assert argv[-4:] == ["--source", "17", "file0.code", "x"]
+
+
+def bwrap_argv(**parts: Any) -> list[str]:
+    """bwrap's whole command line as the engine hands it over: bwrap, its options, `--`, the
+    sandboxed command."""
+    bwrap, options, sandboxed = bwrap_parts(**parts)
+    return [bwrap, *options, "--", *sandboxed]
 
 
 def test_bwrap_argv_isolates_the_job() -> None:
@@ -184,7 +192,7 @@ def _argv(**overrides: object) -> list[str]:
         "control_fd": 8,
         **overrides,
     }
-    return bwrap_argv(**arguments)  # type: ignore[arg-type]
+    return bwrap_argv(**arguments)
 
 
 def test_a_jobs_scratch_folders_share_its_one_capped_filesystem() -> None:
