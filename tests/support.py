@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -14,8 +15,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -273,3 +277,37 @@ def mint_key(gateway: Service, admin_key: str, tenant_id: str, **fields: object)
     key = str(minted.json()["key"])
     LOG_SCAN.secret(key)
     return key
+
+
+async def ws_conversation(
+    url: str,
+    messages: list[dict[str, Any] | str | bytes],
+    headers: dict[str, str] | None = None,
+    *,
+    origin: str | None = None,
+) -> tuple[list[dict[str, Any]], int | None]:
+    """Send the messages one by one, then read until the server closes; (received, close code).
+
+    A dict goes as JSON text; a str or bytes is sent as it is (a text or a binary frame).
+    `origin`: the handshake's Origin header, as a browser sends it."""
+    received: list[dict[str, Any]] = []
+    async with ws_connect(
+        url,
+        additional_headers=headers or {},
+        origin=origin,  # type: ignore[arg-type]
+        proxy=None,
+        max_size=None,
+    ) as socket:
+        try:
+            # The server may close before every message is sent (a refused key is closed 1008 at
+            # once): a send then raises ConnectionClosed, and the close code is the answer.
+            for message in messages:
+                await socket.send(
+                    message if isinstance(message, str | bytes) else json.dumps(message)
+                )
+            async with asyncio.timeout(20):
+                async for text in socket:
+                    received.append(json.loads(text))
+        except ConnectionClosed:
+            pass
+        return received, socket.protocol.close_rcvd.code if socket.protocol.close_rcvd else None

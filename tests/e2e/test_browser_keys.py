@@ -5,17 +5,13 @@ WebSocket checks the handshake's Origin before anything reaches the upstream."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import time
 from typing import Any
 
 import httpx
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
 
 from tests.e2e.conftest import E2E_ADMIN_KEY
-from tests.support import LOG_SCAN, Service, engine_jobs
+from tests.support import LOG_SCAN, Service, engine_jobs, ws_conversation
 
 ADMIN = {"Authorization": f"Bearer {E2E_ADMIN_KEY}"}
 APP = "http://app.example.test:8080"
@@ -106,22 +102,6 @@ class TestAcrossReplicas:
         }
 
 
-async def _conversation(url: str, origin: str) -> tuple[list[dict[str, Any]], int | None]:
-    received: list[dict[str, Any]] = []
-    async with connect(url, origin=origin, proxy=None) as socket:  # type: ignore[arg-type]
-        # A refused socket may be closed before the init is sent: the close is then the answer,
-        # and the error message sent before it is still read below.
-        with contextlib.suppress(ConnectionClosed):
-            await socket.send(json.dumps({"type": "init", **PY}))
-        try:
-            async with asyncio.timeout(20):
-                async for text in socket:
-                    received.append(json.loads(text))
-        except ConnectionClosed:
-            pass
-        return received, socket.protocol.close_rcvd.code if socket.protocol.close_rcvd else None
-
-
 class TestWebSocket:
     async def test_wrong_origin_refused_right_origin_runs(
         self, replicas: list[Service], engine: Service
@@ -132,7 +112,9 @@ class TestWebSocket:
         await asyncio.to_thread(_seconds_until, lambda: _allowed(second, APP), 2.0)
 
         jobs = await asyncio.to_thread(engine_jobs, engine)
-        received, code = await _conversation(url, "https://evil.example.test")
+        received, code = await ws_conversation(
+            url, [{"type": "init", **PY}], origin="https://evil.example.test"
+        )
         assert code == 1008
         assert await asyncio.to_thread(engine_jobs, engine) == jobs  # nothing reached it
         assert received == [
@@ -142,7 +124,7 @@ class TestWebSocket:
             }
         ]
 
-        received, code = await _conversation(url, APP)
+        received, code = await ws_conversation(url, [{"type": "init", **PY}], origin=APP)
         assert code == 4999, received
         stdout = "".join(m["data"] for m in received if m.get("stream") == "stdout")
         assert stdout == "42\n"

@@ -25,6 +25,7 @@ from tests.support import (
     mint_key,
     start_engine,
     start_gateway,
+    ws_conversation,
 )
 
 INIT = {"type": "init", "language": "python", "version": "*"}
@@ -47,47 +48,22 @@ def _ws(service: Service, query: str = "") -> str:
     return service.url.replace("http://", "ws://") + "/api/v2/connect" + query
 
 
-async def _conversation(
-    url: str,
-    messages: list[dict[str, Any] | str | bytes],
-    headers: dict[str, str] | None = None,
-) -> tuple[list[dict[str, Any]], int | None]:
-    """Send the messages one by one, then read until the server closes; (received, close code).
-
-    A dict goes as JSON text; a str or bytes is sent as it is (a text or a binary frame)."""
-    received: list[dict[str, Any]] = []
-    async with connect(url, additional_headers=headers or {}, proxy=None, max_size=None) as socket:
-        try:
-            # The server may close before every message is sent (a refused key is closed 1008 at
-            # once): a send then raises ConnectionClosed, and the close code is the answer.
-            for message in messages:
-                await socket.send(
-                    message if isinstance(message, str | bytes) else json.dumps(message)
-                )
-            async with asyncio.timeout(20):
-                async for text in socket:
-                    received.append(json.loads(text))
-        except ConnectionClosed:
-            pass
-        return received, socket.protocol.close_rcvd.code if socket.protocol.close_rcvd else None
-
-
 class TestRefusedBeforeTheUpstream:
     async def test_no_key_is_1008(self, gateway: tuple[Service, str]) -> None:
         service, _ = gateway
-        received, code = await _conversation(_ws(service), [INIT])
+        received, code = await ws_conversation(_ws(service), [INIT])
         assert code == 1008
         assert received == []
 
     async def test_unknown_key_is_1008(self, gateway: tuple[Service, str]) -> None:
         service, _ = gateway
-        _, code = await _conversation(_ws(service, "?api_key=pgw_nope"), [INIT])
+        _, code = await ws_conversation(_ws(service, "?api_key=pgw_nope"), [INIT])
         assert code == 1008
 
     async def test_language_not_allowed(self, gateway: tuple[Service, str]) -> None:
         service, key = gateway
         init = {**INIT, "language": "bash", "files": [{"content": "echo hi"}]}
-        received, code = await _conversation(_ws(service, f"?api_key={key}"), [init])
+        received, code = await ws_conversation(_ws(service, f"?api_key={key}"), [init])
         assert code == 4002
         assert received == [
             {"type": "error", "message": "language 'bash' is not allowed for this key"}
@@ -96,7 +72,7 @@ class TestRefusedBeforeTheUpstream:
     async def test_unknown_runtime(self, gateway: tuple[Service, str]) -> None:
         service, key = gateway
         init = {**INIT, "language": "cobol", "files": [{"content": "x"}]}
-        received, code = await _conversation(
+        received, code = await ws_conversation(
             _ws(service), [init], headers={"Authorization": f"Bearer {key}"}
         )
         assert code == 4002
@@ -105,13 +81,13 @@ class TestRefusedBeforeTheUpstream:
     async def test_limit_over_the_cap(self, gateway: tuple[Service, str]) -> None:
         service, key = gateway
         init = {**INIT, "files": [{"content": "x"}], "run_timeout": 10**6}
-        received, code = await _conversation(_ws(service, f"?api_key={key}"), [init])
+        received, code = await ws_conversation(_ws(service, f"?api_key={key}"), [init])
         assert code == 4002
         assert received[0]["message"] == "run_timeout cannot exceed the configured limit of 3000"
 
     async def test_no_init_in_time(self, gateway: tuple[Service, str]) -> None:
         service, key = gateway
-        _, code = await _conversation(_ws(service, f"?api_key={key}"), [])
+        _, code = await ws_conversation(_ws(service, f"?api_key={key}"), [])
         assert code == 4001
 
 
@@ -186,7 +162,7 @@ class TestBinaryFrames:
 
     async def test_a_binary_init_runs(self, gateway: tuple[Service, str]) -> None:
         service, key = gateway
-        received, code = await _conversation(
+        received, code = await ws_conversation(
             _ws(service, f"?api_key={key}"), [json.dumps(PRINT_ONE).encode()]
         )
         assert received[0]["type"] == "runtime"
@@ -200,7 +176,7 @@ class TestBinaryFrames:
         service, key = gateway
         init = {**INIT, "files": [{"content": "print(input().upper())"}]}
         stdin = json.dumps({"type": "data", "stream": "stdin", "data": "hi\n"}).encode()
-        received, code = await _conversation(_ws(service, f"?api_key={key}"), [init, stdin])
+        received, code = await ws_conversation(_ws(service, f"?api_key={key}"), [init, stdin])
         assert _stdout(received) == "HI\n"
         assert code == 4999
 
@@ -209,7 +185,7 @@ class TestBinaryFrames:
     ) -> None:
         # Before: closed 4002 with no error message.
         service, key = gateway
-        received, code = await _conversation(_ws(service, f"?api_key={key}"), [b"\xff\xfe{"])
+        received, code = await ws_conversation(_ws(service, f"?api_key={key}"), [b"\xff\xfe{"])
         assert received == [
             {
                 "type": "error",
@@ -220,7 +196,7 @@ class TestBinaryFrames:
 
     async def test_an_init_that_is_not_json_is_told_why(self, gateway: tuple[Service, str]) -> None:
         service, key = gateway
-        received, code = await _conversation(_ws(service, f"?api_key={key}"), ["{nope"])
+        received, code = await ws_conversation(_ws(service, f"?api_key={key}"), ["{nope"])
         assert received == [{"type": "error", "message": "the init message must be a JSON object"}]
         assert code == 4002
 
@@ -235,7 +211,7 @@ class TestMessageSize:
         service, key = gateway
         jobs = engine_jobs(engine)
         init = {**INIT, "files": [{"content": "#" + "x" * 500_000}]}
-        received, code = await _conversation(_ws(service, f"?api_key={key}"), [init])
+        received, code = await ws_conversation(_ws(service, f"?api_key={key}"), [init])
         assert received == []
         assert code == 1009
         assert engine_jobs(engine) == jobs
@@ -246,7 +222,7 @@ class TestMessageSize:
         service, key = gateway
         init = {**INIT, "files": [{"content": "import time; time.sleep(2)"}]}
         data = {"type": "data", "stream": "stdin", "data": "x" * 100_000}
-        received, code = await _conversation(_ws(service, f"?api_key={key}"), [init, data])
+        received, code = await ws_conversation(_ws(service, f"?api_key={key}"), [init, data])
         assert code == 1009
         assert not [m for m in received if m["type"] == "exit"]
 
@@ -262,9 +238,9 @@ class TestMessageSize:
             [sleeper, b"x" * (20 << 20)],
         ]
         for messages in batches:
-            _, code = await _conversation(_ws(service, f"?api_key={key}"), messages)
+            _, code = await ws_conversation(_ws(service, f"?api_key={key}"), messages)
             assert code == 1009
-        assert (await _conversation(_ws(service, f"?api_key={key}"), [PRINT_ONE]))[1] == 4999
+        assert (await ws_conversation(_ws(service, f"?api_key={key}"), [PRINT_ONE]))[1] == 4999
         log = service.log()
         assert "Traceback" not in log
         assert "Unexpected ASGI message" not in log
@@ -403,5 +379,5 @@ class TestClientLeaves:
                 while json.loads(await socket.recv()).get("type") != "data":
                     pass
             socket.transport.abort()  # gone without a close handshake, output still coming
-        assert (await _conversation(url, [PRINT_ONE]))[1] == 4999
+        assert (await ws_conversation(url, [PRINT_ONE]))[1] == 4999
         assert "Traceback" not in service.log()
