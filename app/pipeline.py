@@ -5,10 +5,14 @@ Execute, batch (a plan per case) and the WebSocket `init` all go this way:
 - `plan` (pure): from the caller, the body and the headers to a `Plan`: the effective request
   (parse, resolve, policy), its runtime, its cache key or none, its deadlines.
 - `admit` (one Redis round trip): an async context manager around the gate that refuses (429,
-  503) or yields an `Admission`; leaving the block finishes it exactly once (usage, the lease's
-  release), whatever happened inside.
+  503) or yields an `Admission`; on a miss that will be stored it also claims the single-flight
+  lock. Leaving the block finishes it exactly once (usage, the lease's release, and a claimed
+  lock no flight led with), whatever happened inside.
 - `run_once`: owns the cache for a miss: single-flight across replicas, the upstream call inside
-  this process's slots, the write of a cacheable answer; each caller gets its own error.
+  this process's slots, the write of a cacheable answer; each caller gets its own error. A
+  claimed miss lands in one script call, its admission's finish with the store, the lock's
+  release and the wake-up (`_land`): two round trips before the answer in all, the admit's and
+  that one.
 - `answer`: the response, its headers and its metrics.
 """
 
@@ -18,6 +22,7 @@ import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import Final, Literal
 
@@ -25,6 +30,7 @@ import orjson
 from starlette.datastructures import Headers
 from starlette.responses import Response
 
+from app.cache.flight import Claim
 from app.cache.keys import CacheMode, cache_digest, cache_key, cache_mode
 from app.errors import BadRequest, GatewayError
 from app.limits.gate import Admission, ClientLimit
@@ -33,6 +39,7 @@ from app.policy import effective_caps, effective_request
 from app.protocol.errors import InvalidRequest
 from app.protocol.resolve import Runtime
 from app.protocol.schemas import ExecuteRequest, parse_execute
+from app.redis import flight_lock
 from app.settings import Settings
 from app.state import AppState
 from app.tenancy.models import Tenant
@@ -156,6 +163,8 @@ class _Admitting:
         "_cache_key",
         "_client",
         "_cost",
+        "_flight",
+        "_flight_lease_ms",
         "_lease_ttl_ms",
         "_leases",
         "_state",
@@ -172,10 +181,13 @@ class _Admitting:
         cost: int,
         client: ClientLimit | None,
         leases: int,
+        flight: str | None,
+        flight_lease_ms: int,
     ) -> None:
         self._state, self._tenant = state, tenant
         self._cache_key, self._lease_ttl_ms, self._cost = cache_key, lease_ttl_ms, cost
         self._client, self._leases = client, leases
+        self._flight, self._flight_lease_ms = flight, flight_lease_ms
         self._admission: Admission | None = None
 
     async def __aenter__(self) -> Admission:
@@ -186,6 +198,8 @@ class _Admitting:
             cost=self._cost,
             client=self._client,
             leases=self._leases,
+            flight=self._flight,
+            flight_lease_ms=self._flight_lease_ms,
         )
         return self._admission
 
@@ -198,19 +212,26 @@ class _Admitting:
         admission, self._admission = self._admission, None
         if admission is None:
             return  # finished already: exactly once
-        if exc is not None:  # cancelled (client gone), refused by a slot, a failed run, a bug
-            admission.error = True
-        await self._state.gate.finish(
-            admission,
-            error=admission.error,
-            cpu_time_ms=admission.cpu_time_ms,
-            wall_time_ms=admission.wall_time_ms,
-            cache_hits=admission.cache_hits,
-        )
+        if not admission.finished:  # else a claimed flight's landing finished it (`_land`)
+            if exc is not None:  # cancelled (client gone), refused by a slot, a failed run, a bug
+                admission.error = True
+            await _finish(self._state, admission)
         self._state.metrics.tenant_executions.labels(tenant=admission.tenant_id).inc(self._cost)
         if isinstance(exc, GatewayError):
             # The answer to an admitted request carries its rate-limit headers, an error too.
             exc.headers = {**admission.headers, **exc.headers}
+
+
+async def _finish(state: AppState, admission: Admission) -> None:
+    """The admission's one finish call (and, holding a flight lock, its landing)."""
+    admission.finished = True
+    await state.gate.finish(
+        admission,
+        error=admission.error,
+        cpu_time_ms=admission.cpu_time_ms,
+        wall_time_ms=admission.wall_time_ms,
+        cache_hits=admission.cache_hits,
+    )
 
 
 def admit(
@@ -231,7 +252,10 @@ def admit(
     (as many as are free, at least one; `Admission.leases`) of `lease_ttl_ms` (default: the
     plan's), and reads no entry here (`read_cache=False`): each case reads its own.
     `client`: a browser key's per-visitor limit, counted in the same round trip.
+    With `read_cache`, a miss that will be stored also claims its single-flight lock (when
+    flights span processes), for `run_once` to lead with.
     """
+    digest = planned.cache.digest if read_cache and state.flights.shared else None
     return _Admitting(
         state,
         tenant,
@@ -240,6 +264,9 @@ def admit(
         cost=cost,
         client=client,
         leases=leases,
+        flight=flight_lock(digest) if digest else None,
+        # like the lock a flight takes itself (app.cache.flight): a lease, renewed while it runs
+        flight_lease_ms=min(state.flights.lease_ms, planned.lease_ttl_ms) if digest else 0,
     )
 
 
@@ -271,6 +298,29 @@ async def _run_upstream(
         )
 
 
+async def _land(
+    state: AppState,
+    admission: Admission,
+    key: str,
+    answer: UpstreamAnswer | None,
+    wake_up: bytes,
+) -> bool:
+    """A claimed flight's landing (`Claim.land`): the admission's finish, with the answer's
+    store, the lock's release and the wake-up, in one script call; False once it finished."""
+    if admission.finished:
+        return False  # the request is gone (cancelled): the flight lands on its own
+    if answer is None:
+        admission.error = True  # the run failed: an upstream error, a slot refused, a bug
+    else:
+        admission.cpu_time_ms += answer.cpu_time_ms
+        admission.wall_time_ms += answer.wall_time_ms
+        if answer.cacheable:
+            admission.store = (key, answer.body, state.settings.cache_ttl_seconds)
+    admission.wake_up = wake_up
+    await _finish(state, admission)
+    return True
+
+
 async def run_once(
     state: AppState,
     planned: Plan,
@@ -282,7 +332,8 @@ async def run_once(
     """The admission's cache entry, or one run for every identical request in flight anywhere.
 
     `cached` is an entry read apart from the admission (a batch's case). The run's figures are
-    added to the admission, so leaving `admit` counts them.
+    added to the admission, so leaving `admit` counts them; an admission that claimed the
+    flight lock and led the run is finished by its landing already, before the answer.
     """
     cached = cached if cached is not None else admission.cached
     if cached is not None:
@@ -306,21 +357,33 @@ async def run_once(
                 if answer.cacheable:
                     await state.cache.write(key, answer.body, settings.cache_ttl_seconds)
 
-            ran = await state.flights.run(
-                cache.digest,
-                deadline_s=(planned.deadline_ms + settings.queue_timeout_ms) / 1000,
-                lock_ttl_ms=planned.lease_ttl_ms,  # like the lease: a wait for a slot, the run
-                execute=execute,
-                # no-cache asks for a fresh run: don't let the flight fall back on the entry.
-                read_cached=(lambda: state.cache.read(key)) if cache.mode.lookup else None,
-                on_result=write,
+            # The admit claimed the lock with its cache read: lead with it, land with `_land`.
+            claim = (
+                Claim(admission.token, partial(_land, state, admission, key))
+                if admission.flight_lock is not None
+                else None
             )
+            try:
+                ran = await state.flights.run(
+                    cache.digest,
+                    deadline_s=(planned.deadline_ms + settings.queue_timeout_ms) / 1000,
+                    lock_ttl_ms=planned.lease_ttl_ms,  # like the lease: a wait for a slot, the run
+                    execute=execute,
+                    # no-cache asks for a fresh run: don't let the flight fall back on the entry.
+                    read_cached=(lambda: state.cache.read(key)) if cache.mode.lookup else None,
+                    on_result=write,
+                    claim=claim,
+                )
+            finally:
+                if claim is not None and not claim.withdraw():
+                    admission.flight_lock = None  # a flight led with it: the flight releases it
     except GatewayError as exc:
         raise _own_error(exc) from None
     if isinstance(ran, bytes):  # another process ran it and stored the answer meanwhile
         return Result(ran, cache.mode.label)
-    admission.cpu_time_ms += ran.cpu_time_ms
-    admission.wall_time_ms += ran.wall_time_ms
+    if not admission.finished:
+        admission.cpu_time_ms += ran.cpu_time_ms
+        admission.wall_time_ms += ran.wall_time_ms
     return Result(ran.body, cache.mode.label, ran.status_code)
 
 

@@ -2,12 +2,19 @@
 together, in this process or in any other (`SingleFlight`).
 
 Redis layout (prefixes from `app.redis`):
-- `pgw:flight:<digest>`: the single-flight lock, a random owner token with a short lease that
-  the leader renews while it runs (so a dead leader is noticed in `lease_ms`, not after the
-  whole `lock_ttl_ms`), never held past `lock_ttl_ms`.
+- `pgw:flight:<digest>`: the single-flight lock, an owner token with a short lease that the
+  leader renews while it runs (so a dead leader is noticed in `lease_ms`, not after the whole
+  `lock_ttl_ms`), never held past `lock_ttl_ms`.
 - pub/sub channel `pgw:flight:<digest>` (channels and keys are separate namespaces in Redis): the
   leader's wake-up, published by the same script that releases the lock. Each process listens
   with one PSUBSCRIBE `pgw:flight:*` connection shared by all its waiters.
+
+Two ways to lead. An execute's miss claims the lock in its admit script, with the cache read
+(`app.limits.redis_gate`), and hands the claim in (`Claim`): the flight runs it without another
+look at the cache, and lands it through `Claim.land`, which stores the answer, releases the lock
+and wakes the waiters in the request's own finish script; two round trips before the answer in
+all. A caller without a claim (batch cases, a request that lost the race for the lock) takes it
+here (`SET NX PX`), looks at the cache once more, and stores and releases on its own.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from app.metrics import Metrics
 from app.redis import FLIGHT, FLIGHT_PATTERN, Subscription, flight_lock
 from app.upstream.pool import UpstreamAnswer
 
-__all__ = ["FlightResult", "SingleFlight"]
+__all__ = ["Claim", "FlightResult", "SingleFlight"]
 
 log = structlog.get_logger(__name__)
 
@@ -115,6 +122,44 @@ def _decode_shared(message: bytes) -> UpstreamAnswer | GatewayError | None:
     return None
 
 
+_OFFERED: Final = 0
+_TAKEN: Final = 1
+_WITHDRAWN: Final = 2
+
+
+@dataclass(eq=False)
+class Claim:
+    """A flight lock already held with `token` (the admit script claimed it), handed to `run`.
+
+    The flight that leads with it (`take`) runs without another look at the cache and lands
+    through `land(answer, wake_up)`: store `answer` when it is cacheable (None: the run
+    failed), release the lock if still `token`'s, publish `wake_up`, in one round trip.
+    `land` returns False when it did none of that (its request had finished already, gone
+    before the run ended): the flight then stores and releases on its own. A claim no flight
+    took (`withdraw` is True) is still its owner's to release.
+    """
+
+    token: str
+    land: Callable[[UpstreamAnswer | None, bytes], Awaitable[bool]]
+    _state: int = _OFFERED
+
+    def take(self) -> bool:
+        """Lead with it, unless its owner withdrew it; True when the lock is now the flight's."""
+        if self._state == _OFFERED:
+            self._state = _TAKEN
+        return self._state == _TAKEN
+
+    def withdraw(self) -> bool:
+        """No flight may take it from now on; True when none did (the owner releases it)."""
+        if self._state == _OFFERED:
+            self._state = _WITHDRAWN
+        return self._state == _WITHDRAWN
+
+    @property
+    def open(self) -> bool:
+        return self._state == _OFFERED
+
+
 @dataclass(eq=False)
 class _Flight:
     """One digest's run in this process, shared by every local caller."""
@@ -124,6 +169,8 @@ class _Flight:
     task: asyncio.Task[FlightResult] | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     message: bytes | None = None  # the latest wake-up from another process's leader
+    claim: Claim | None = None  # a lock this process's admit claimed, for this flight to lead
+    leading: bool = False  # this flight holds the lock (or runs without Redis)
 
     @property
     def lock(self) -> str:
@@ -155,7 +202,7 @@ class SingleFlight:
     ) -> None:
         self._redis = redis
         self._poll_interval = poll_interval
-        self._lease_ms = lease_ms
+        self.lease_ms = lease_ms
         self._flights: dict[str, _Flight] = {}
         # One PSUBSCRIBE connection for the whole process, re-made after an outage.
         self._wakeups = (
@@ -186,6 +233,11 @@ class SingleFlight:
             if metrics is not None
             else None
         )
+
+    @property
+    def shared(self) -> bool:
+        """Whether flights span processes (a Redis lock), so an admit may claim one for `run`."""
+        return self._redis is not None
 
     # -- lifecycle
 
@@ -228,6 +280,7 @@ class SingleFlight:
         execute: Callable[[], Awaitable[UpstreamAnswer]],
         read_cached: Callable[[], Awaitable[bytes | None]] | None = None,
         on_result: Callable[[UpstreamAnswer], Awaitable[None]] | None = None,
+        claim: Claim | None = None,
     ) -> FlightResult:
         """Run `execute` once for every identical caller; raise GatewayTimeout at `deadline_s`.
 
@@ -240,12 +293,16 @@ class SingleFlight:
         in other processes cannot see a stored answer and run it again once the lock is gone.
         `lock_ttl_ms` bounds how long the lock can be held: cover the queue wait, the stage
         timeouts and the grace.
+
+        With a `claim` (the lock, taken already), the flight leads with it: this call's own, or
+        one of this process that waits for the lock (the claim won the race for it). Joining a
+        flight that leads already, the claim is not taken: `claim.withdraw()` says so.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + deadline_s
         flight = self._flights.get(digest)
         if flight is None or flight.task is None or flight.task.done():
-            flight = _Flight(digest, deadline)
+            flight = _Flight(digest, deadline, claim=claim)
             flight.task = loop.create_task(
                 self._fly(flight, lock_ttl_ms, execute, read_cached, on_result),
                 name=f"single-flight:{digest[:12]}",
@@ -254,6 +311,8 @@ class SingleFlight:
             self._flights[digest] = flight
         else:
             flight.deadline = max(flight.deadline, deadline)
+            if claim is not None and not flight.leading:
+                self._hand_over(flight, claim)
             self._count("joined")
         try:
             async with asyncio.timeout_at(deadline):
@@ -268,6 +327,13 @@ class SingleFlight:
     def _count(self, role: str) -> None:
         if self._roles is not None:
             self._roles.labels(role=role).inc()
+
+    @staticmethod
+    def _hand_over(flight: _Flight, claim: Claim) -> None:
+        """A flight waiting for the lock that `claim` holds: wake it up to lead with it."""
+        if flight.claim is None or not flight.claim.open:
+            flight.claim = claim
+            flight.wake.set()
 
     def _landed(self, flight: _Flight, task: asyncio.Task[FlightResult]) -> None:
         if self._flights.get(flight.digest) is flight:
@@ -286,18 +352,27 @@ class SingleFlight:
         on_result: Callable[[UpstreamAnswer], Awaitable[None]] | None,
     ) -> FlightResult:
         if self._redis is None:
+            flight.leading = True
             self._count("leader")
             return await self._execute(execute, on_result)
         took_over = False
         while True:
+            claim, flight.claim = flight.claim, None
+            if claim is not None and claim.take():
+                flight.leading = True
+                self._count("leader")
+                return await self._lead(
+                    flight, claim.token, lock_ttl_ms, execute, read_cached, on_result, claim
+                )
             token = secrets.token_hex(16)
             try:
                 acquired = await self._redis.set(
-                    flight.lock, token, nx=True, px=max(1, min(self._lease_ms, lock_ttl_ms))
+                    flight.lock, token, nx=True, px=max(1, min(self.lease_ms, lock_ttl_ms))
                 )
             except _REDIS_FAULTS as exc:
                 return await self._without_redis(flight, exc, execute, on_result)
             if acquired:
+                flight.leading = True
                 self._count("takeover" if took_over else "leader")
                 return await self._lead(flight, token, lock_ttl_ms, execute, read_cached, on_result)
             try:
@@ -317,6 +392,7 @@ class SingleFlight:
         on_result: Callable[[UpstreamAnswer], Awaitable[None]] | None,
     ) -> UpstreamAnswer:
         log.warning("single_flight_redis_error", digest=flight.digest[:16], error=repr(exc))
+        flight.leading = True
         self._count("redis_error")
         return await self._execute(execute, on_result)
 
@@ -351,11 +427,14 @@ class SingleFlight:
         execute: Callable[[], Awaitable[UpstreamAnswer]],
         read_cached: Callable[[], Awaitable[bytes | None]] | None,
         on_result: Callable[[UpstreamAnswer], Awaitable[None]] | None,
+        claim: Claim | None = None,
     ) -> FlightResult:
         renewer = asyncio.create_task(self._keep_lock(flight, token, lock_ttl_ms))
         wake_up = _WAKE
+        answer: UpstreamAnswer | None = None
         try:
-            if read_cached is not None:
+            # A claim was made with the cache read, atomically: nothing to look at again.
+            if claim is None and read_cached is not None:
                 # A leader elsewhere may have stored the answer and released the lock between
                 # this request's cache lookup and our SET NX: don't run it a second time.
                 try:
@@ -370,20 +449,39 @@ class SingleFlight:
             except GatewayError as exc:
                 wake_up = _encode_error(exc)
                 raise
-            stored = await self._deliver(answer, on_result)
-            if not (stored and answer.cacheable):
-                wake_up = _encode_answer(answer)
+            if claim is None:
+                stored = await self._deliver(answer, on_result)
+                if not (stored and answer.cacheable):
+                    wake_up = _encode_answer(answer)
+            elif not answer.cacheable:
+                wake_up = _encode_answer(answer)  # the claim's landing stores what is cacheable
             return answer
         finally:
             renewer.cancel()
-            await self._unlock(flight, token, wake_up)
+            if claim is None or not await self._land(claim, answer, wake_up):
+                if claim is not None and answer is not None:
+                    # Landing alone: the claim's request is gone, its finish done already.
+                    stored = await self._deliver(answer, on_result)
+                    if not (stored and answer.cacheable):
+                        wake_up = _encode_answer(answer)
+                await self._unlock(flight, token, wake_up)
+
+    @staticmethod
+    async def _land(claim: Claim, answer: UpstreamAnswer | None, wake_up: bytes) -> bool:
+        """The claim's landing (store, release, wake-up); False when the flight must do it."""
+        try:
+            return await claim.land(answer, wake_up)
+        except _REDIS_FAULTS as exc:
+            # The lease runs out by itself; waiters poll, so they are only slower to notice.
+            log.warning("single_flight_release_failed", error=repr(exc))
+            return True
 
     async def _keep_lock(self, flight: _Flight, token: str, lock_ttl_ms: int) -> None:
         """Renew the lease while the leader lives, and never past `lock_ttl_ms` in all."""
         assert self._renew is not None
         loop = asyncio.get_running_loop()
         hard_end = loop.time() + lock_ttl_ms / 1000
-        lease_ms = min(self._lease_ms, lock_ttl_ms)
+        lease_ms = min(self.lease_ms, lock_ttl_ms)
         while True:
             await asyncio.sleep(lease_ms / 3000)
             left_ms = int((hard_end - loop.time()) * 1000)
@@ -416,6 +514,8 @@ class SingleFlight:
         while True:
             # Clear before looking, so a wake-up that lands while we look is not lost.
             flight.wake.clear()
+            if flight.claim is not None and flight.claim.open:
+                return None  # this process claimed the lock meanwhile: lead with the claim
             shared = self._take_shared(flight)
             if shared is not None:
                 return shared

@@ -87,6 +87,16 @@ class Admission:
     cache_hits: int = 0  # a batch's cases answered from the cache
     # A batch may hold several leases: `lease` and then `f"{lease}:{n}"` for n in 2..leases.
     leases: int = 1
+    # The single-flight lock (app.cache.flight) the admit claimed on a miss, owned by `token`
+    # (the admission's own: its lease id too). While set, finish() also releases it if still
+    # ours and publishes `wake_up` (b"w", "look in the cache", unless the flight shares an
+    # answer), after storing `store` (key, body, TTL in s): a miss's landing and its usage in
+    # the one script call. Cleared once a flight leads with the lock (the flight releases it).
+    flight_lock: str | None = None
+    token: str = ""
+    store: tuple[str, bytes, int] | None = None
+    wake_up: bytes = b"w"
+    finished: bool = False  # finish() was called: whoever comes first does it, once
 
     def lease_ids(self) -> list[str]:
         return lease_ids(self.lease, self.leases) if self.lease is not None else []
@@ -117,8 +127,13 @@ class Gate(Protocol):
         cost: int = 1,
         client: ClientLimit | None = None,
         leases: int = 1,
+        flight: str | None = None,
+        flight_lease_ms: int = 0,
     ) -> Admission:
         """`cost` executions at once (a batch), all or none; one cache read.
+
+        With `flight` (a single-flight lock), a miss admitted also claims that lock for
+        `flight_lease_ms` in the same step (`Admission.flight_lock` says whether it did).
 
         A tenant with a `max_concurrency` gets one lease, or for `leases` > 1 (a batch that
         would run cases side by side) as many as are free up to that, at least one

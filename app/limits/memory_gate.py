@@ -78,6 +78,8 @@ class MemoryGate:
         cost: int = 1,
         client: ClientLimit | None = None,
         leases: int = 1,
+        flight: str | None = None,  # one process: single-flight is in-process, nothing to claim
+        flight_lease_ms: int = 0,
     ) -> Admission:
         now = time.time()
         day = utc_day(now)

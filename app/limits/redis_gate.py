@@ -13,9 +13,12 @@ bounds one admit, so an outage is a prompt 503 (or, failing open, an unlimited a
 process's `RedisOutage` is told what each call found; while it holds, the gate does not wait on
 Redis at all, and the outage is logged when it starts and ends, not per request.
 
-The admit script's read of the cache entry (KEYS[1]) is the one deliberate crossing from limits
-into the cache (`app.cache.store` owns every other read and every write): it makes a hit cost
-this one round trip.
+The deliberate crossings from limits into the cache, each to spare a round trip: the admit
+script reads the cache entry (a hit costs that one round trip) and, on a miss, claims the
+single-flight lock with it; the finish script of an admission that claimed it also lands the
+flight (stores the answer, releases the lock, publishes the wake-up), so a miss costs two round
+trips before its answer. `app.cache.store` owns every other read and write of the cache,
+`app.cache.flight` the wake-ups' meaning and every other use of the lock.
 """
 
 from __future__ import annotations
@@ -82,15 +85,16 @@ _REFUSALS: Final[dict[int, Refusal]] = {
 
 # KEYS[1] cache entry (read only when ARGV[1] == '1')   KEYS[2] quota counter of the day
 # KEYS[3] the tenant's lease zset                        KEYS[4] usage hash of the day
-# KEYS[5..] one key per rate-limit window
+# KEYS[5..] one key per rate-limit window, then the single-flight lock to claim on a miss ("")
 # ARGV[1] read the cache (0/1)        ARGV[2] moving window (0/1)   ARGV[3] daily quota (0: none)
 # ARGV[4] quota key TTL (s)           ARGV[5] concurrency cap (0: none)
 # ARGV[6] token: this request's lease id, and its moving-window entry
 # ARGV[7] lease TTL (ms)              ARGV[8] usage TTL (s)
 # ARGV[9..] per window: amount, length (s)   then: cost, the executions asked for (a batch),
-#           and the leases wanted (a batch running cases side by side; at least one is taken)
+#           and the leases wanted (a batch running cases side by side; at least one is taken),
+#           and the flight lock's lease (ms; 0: claim nothing)
 # Returns {outcome, cached or false, now_ms, quota used, leases granted,
-#          then per window: count, reset_ms}
+#          then per window: count, reset_ms, then 1 when the flight lock was claimed, else 0}
 ADMIT_SCRIPT: Final = """
 -- Redis's clock, shared by every replica; ms is enough for windows of a second or more.
 local t = redis.call('TIME')
@@ -100,10 +104,11 @@ local quota = tonumber(ARGV[3])
 local cap = tonumber(ARGV[5])
 local token = ARGV[6]
 local outcome = 0
-local nwin = #KEYS - 4
+local nwin = #KEYS - 5
 local cost = tonumber(ARGV[9 + 2 * nwin])
 local want = tonumber(ARGV[10 + 2 * nwin])
 local granted = 0
+local claimed = 0
 
 -- 1. The cache read: a hit still counts against the limits, but takes no lease.
 local cached = false
@@ -156,12 +161,13 @@ if want_lease then
     end
 end
 
--- The reply, flat: {outcome, cached or false, now, quota used, leases, counts..., resets...}
--- (built by index: Lua keeps only the first value of an unpack() that is not last).
+-- The reply, flat: {outcome, cached or false, now, quota used, leases, counts..., resets...,
+-- claimed} (built by index: Lua keeps only the first value of an unpack() that is not last).
 local function reply(result, entry)
     local out = {result, entry, now_ms, quota_used, granted}
     for i = 1, nwin do out[5 + i] = counts[i] end
     for i = 1, nwin do out[5 + nwin + i] = resets[i] end
+    out[6 + 2 * nwin] = claimed
     return out
 end
 
@@ -220,13 +226,26 @@ if cached then
     redis.call('HINCRBY', KEYS[4], 'cache_hits', 1)
 end
 redis.call('EXPIRE', KEYS[4], usage_ttl)
+
+-- 8. A miss whose answer will be stored claims its single-flight lock (app.cache.flight) with
+--    this token: atomic with the read above, so no leader can store and release in between,
+--    and the claimant needs no second look at the cache. A hit or a refusal claims nothing.
+local flight_ms = tonumber(ARGV[11 + 2 * nwin])
+if not cached and flight_ms > 0
+    and redis.call('SET', KEYS[5 + nwin], token, 'NX', 'PX', flight_ms) then
+    claimed = 1
+end
 return reply(outcome, cached)
 """
 
-# After the run: release the lease, add the run to usage (the answer's write is the cache's own,
-# app.cache.store). KEYS: concurrency zset, usage hash
+# After the run: release the lease, add the run to usage; for an admission that claimed a
+# single-flight lock, also its landing (the miss's second and last round trip before the
+# answer): store the answer, release the lock if still ours, and publish the wake-up, as
+# app.cache.flight's own release script does for the flights that took their lock themselves.
+# KEYS: concurrency zset, usage hash, [cache entry or "", flight lock]
 # ARGV: lease id or "", error 0/1, cpu_time_ms, wall_time_ms, cache hits (a batch's cases
-#       answered from the cache), leases held (the lease id, then id:2, id:3, ...)
+#       answered from the cache), leases held (the lease id, then id:2, id:3, ...),
+#       [lock token, wake-up, cache TTL (s; 0: store nothing), answer body]
 FINISH_SCRIPT = """
 if tonumber(ARGV[5]) ~= 0 then redis.call('HINCRBY', KEYS[2], 'cache_hits', ARGV[5]) end
 if ARGV[1] ~= '' then
@@ -236,6 +255,11 @@ end
 if ARGV[2] == '1' then redis.call('HINCRBY', KEYS[2], 'errors', 1) end
 if tonumber(ARGV[3]) ~= 0 then redis.call('HINCRBYFLOAT', KEYS[2], 'cpu_time_ms', ARGV[3]) end
 if tonumber(ARGV[4]) ~= 0 then redis.call('HINCRBYFLOAT', KEYS[2], 'wall_time_ms', ARGV[4]) end
+if KEYS[4] then
+    if tonumber(ARGV[9]) > 0 then redis.call('SET', KEYS[3], ARGV[10], 'EX', ARGV[9]) end
+    if redis.call('GET', KEYS[4]) == ARGV[7] then redis.call('DEL', KEYS[4]) end
+    redis.call('PUBLISH', KEYS[4], ARGV[8])
+end
 return 1
 """
 
@@ -285,11 +309,14 @@ class RedisGate:
         cost: int = 1,
         client: ClientLimit | None = None,
         leases: int = 1,
+        flight: str | None = None,
+        flight_lease_ms: int = 0,
     ) -> Admission:
         """Count the request against every limit of `tenant` in one round trip, or raise 429.
 
         A `client`'s windows are just more windows of the same script call: every window must
-        allow the request, and an admitted one takes from all of them.
+        allow the request, and an admitted one takes from all of them. With `flight`, a miss
+        admitted claims that single-flight lock in the same call (`Admission.flight_lock`).
         """
         now = time.time()
         day = utc_day(now)
@@ -304,6 +331,7 @@ class RedisGate:
             redis_keys.concurrency_leases(tenant.id),
             redis_keys.usage_hash(tenant.id, day),
             *(redis_keys.rate_limit_window(w.key(tenant.id)) for w in windows),
+            flight or "",
         ]
         args: list[int | str] = [
             1 if cache_key else 0,
@@ -317,7 +345,7 @@ class RedisGate:
         ]
         for w in windows:
             args += (w.amount, w.seconds)
-        args += (max(1, cost), max(1, leases))
+        args += (max(1, cost), max(1, leases), max(1, flight_lease_ms) if flight else 0)
         if self._outage.active:
             return self._unavailable(tenant.id, day)
         try:
@@ -364,6 +392,8 @@ class RedisGate:
             tenant_id=tenant.id,
             day=day,
             leases=max(1, int(granted)),
+            flight_lock=flight if reply[5 + 2 * n] else None,
+            token=token,
         )
 
     def _unavailable(self, tenant_id: str, day: str) -> Admission:
@@ -383,18 +413,27 @@ class RedisGate:
         wall_time_ms: float,
         cache_hits: int = 0,
     ) -> None:
-        """Release the lease and add the run's figures to usage: one script call."""
+        """Release the lease and add the run's figures to usage: one script call.
+
+        An admission still holding the flight lock it claimed lands that flight in the same
+        call: `admission.store` written, the lock released if still ours, `wake_up` published.
+        """
         if admission.degraded:
             return  # nothing was counted, and Redis was just found unreachable
-        if admission.lease is None and not (error or cpu_time_ms or wall_time_ms or cache_hits):
+        flight = admission.flight_lock
+        if (
+            flight is None
+            and admission.lease is None
+            and not (error or cpu_time_ms or wall_time_ms or cache_hits)
+        ):
             return  # nothing to count (a hit): spare the round trip, and the work before it
         if self._outage.active:
-            return  # the lease expires by itself; the outage is logged already
+            return  # the lease and the lock expire by themselves; the outage is logged already
         keys = [
             redis_keys.concurrency_leases(admission.tenant_id),
             redis_keys.usage_hash(admission.tenant_id, admission.day),
         ]
-        args: list[int | float | str] = [
+        args: list[int | float | str | bytes] = [
             admission.lease or "",
             1 if error else 0,
             cpu_time_ms,
@@ -402,14 +441,23 @@ class RedisGate:
             cache_hits,
             admission.leases,
         ]
+        if flight is not None:
+            store = admission.store
+            keys += (store[0] if store else "", flight)
+            args += (
+                admission.token,
+                admission.wake_up,
+                store[2] if store else 0,
+                store[1] if store else b"",
+            )
         try:
             async with asyncio.timeout(self._deadline_s):
                 # One script call: a redis-py pipeline of the same commands cost three times
                 # the client CPU (bench/, cProfile).
                 await self._finish(keys=keys, args=args)
         except OUTAGE_ERRORS as exc:
-            # The answer is already decided; an uncounted run or an unreleased lease (it expires)
-            # must not turn it into an error.
+            # The answer is already decided; an uncounted run, an unreleased lease or lock, an
+            # answer not stored (they expire, or are run again) must not turn it into an error.
             self._outage.failed(exc, by="usage")
 
     async def forget(self, tenant: Tenant) -> None:

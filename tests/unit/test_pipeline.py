@@ -8,6 +8,7 @@ from typing import Any, cast
 import pytest
 from starlette.datastructures import Headers
 
+from app.cache.flight import SingleFlight
 from app.cache.keys import cache_digest
 from app.errors import BadRequest, GatewayError, GatewayTimeout, TooManyRequests
 from app.limits import Admission, MemoryGate
@@ -99,7 +100,7 @@ class _CountingGate(MemoryGate):
 
 
 def _state(gate: _CountingGate) -> AppState:
-    return cast(AppState, SimpleNamespace(gate=gate, metrics=Metrics()))
+    return cast(AppState, SimpleNamespace(gate=gate, metrics=Metrics(), flights=SingleFlight(None)))
 
 
 class TestAdmit:
