@@ -175,6 +175,61 @@ def round_trips_per_request(redis_url: str, send: Callable[[], object], requests
     return len([c for c in seen if c.get("client_type") != "lua"]) / requests
 
 
+def round_trips_per_miss(redis_url: str, url: str, headers: dict[str, str], misses: int) -> float:
+    """Commands a miss sent to Redis while its client waited for the answer, per miss.
+
+    One miss after another, each with a stdin never sent before; a command counts for a miss
+    when Redis saw it between the request's sending and its answer's arrival (MONITOR's clock
+    and ours are the host's). Not counted: what a Lua script ran inside Redis, the pub/sub
+    connections (their pings; a request sends nothing there), and whatever a gateway sends
+    after the answer (none today, but that would be off the critical path).
+    """
+    import threading
+
+    import redis
+
+    stop = "pgw-bench-monitor-stop"
+    seen: list[dict[str, Any]] = []
+    ready = threading.Event()
+
+    def watch() -> None:
+        with redis.Redis.from_url(redis_url).monitor() as monitor:  # type: ignore[no-untyped-call]
+            ready.set()
+            for command in monitor.listen():
+                if stop in command["command"]:
+                    return
+                seen.append(command)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    ready.wait(5)
+    time.sleep(0.2)  # the MONITOR subscription is live once its reply has been read
+    windows: list[tuple[float, float]] = []
+    with httpx.Client(timeout=30, headers={"Content-Type": "application/json", **headers}) as c:
+        c.post(url, content=orjson.dumps({**PROGRAM, "stdin": "warm up"})).raise_for_status()
+        for _ in range(misses):
+            body = orjson.dumps({**PROGRAM, "stdin": secrets.token_hex(8)})
+            sent = time.time()
+            response = c.post(url, content=body)
+            windows.append((sent, time.time()))
+            response.raise_for_status()
+            if response.headers["x-cache"] != "MISS":
+                raise RuntimeError(f"expected a miss, got X-Cache {response.headers['x-cache']}")
+    client = redis.Redis.from_url(redis_url)
+    subscribers = {c["addr"] for c in client.client_list() if int(c["sub"]) + int(c["psub"]) > 0}
+    client.echo(stop)
+    watcher.join(10)
+    counted = 0
+    for command in seen:
+        if command.get("client_type") == "lua":
+            continue
+        if f"{command['client_address']}:{command['client_port']}" in subscribers:
+            continue
+        at = float(command["time"])
+        counted += any(start <= at <= end for start, end in windows)
+    return counted / misses
+
+
 async def _burst(
     url: str, body: bytes, headers: dict[str, str], count: int, concurrency: int
 ) -> float:
@@ -265,6 +320,10 @@ def run(smoke: bool) -> dict[str, Any]:
             redis_server.url,
             lambda: asyncio.run(_burst(f"{gw.url}/api/v2/execute", body, auth, hits, 8)),
             hits,
+        )
+        # The same for a miss, counted only while its client waited (the answer's critical path).
+        results["redis_round_trips_per_miss"] = round_trips_per_miss(
+            redis_server.url, f"{gw.url}/api/v2/execute", auth, 20 if smoke else 200
         )
 
         # 3. Pass-through: the instant upstream alone, then through the gateway (cache off).
@@ -400,6 +459,12 @@ def report(results: dict[str, Any]) -> str:
             f"{results['redis_round_trips_per_hit']:.2f}",
             "",
             "target <= 1",
+        ),
+        (
+            "Redis round trips per miss before the answer",
+            f"{results['redis_round_trips_per_miss']:.2f}",
+            "",
+            "target <= 2",
         ),
     ]
     width = [max(len(r[i]) for r in rows) for i in range(4)]

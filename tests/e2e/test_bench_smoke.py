@@ -1,7 +1,8 @@
 """The benchmark harness on a tiny load, so that `make bench` cannot rot unnoticed.
 
 Only what is exact is asserted (single-flight's execution count, the shape of the results, the
-Redis round trips a cache hit costs); speed is measured by `make bench`, never asserted here.
+Redis round trips a cache hit and a miss cost); speed is measured by `make bench`, never
+asserted here.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def test_bench_harness_runs(tmp_path: Path) -> None:
         "real_execution",
         "memory",
         "redis_round_trips_per_hit",
+        "redis_round_trips_per_miss",
     }
     assert results["single_flight"]["upstream_executions"] == 1
     assert results["cache_hit"]["errors"] == 0
@@ -46,3 +48,6 @@ def test_bench_harness_runs(tmp_path: Path) -> None:
     # One script per hit; the background pings of the key-cache listener add a little.
     assert results["redis_round_trips_per_hit"] < 1.5
     assert "Redis round trips per cache hit" in done.stdout
+    # Counted only while the client waited: the admit script and the landing script.
+    assert results["redis_round_trips_per_miss"] <= 2
+    assert "Redis round trips per miss before the answer" in done.stdout

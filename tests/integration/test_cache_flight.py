@@ -17,7 +17,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from app.cache.flight import FlightResult, SingleFlight
+from app.cache.flight import Claim, FlightResult, SingleFlight
 from app.cache.keys import cache_key
 from app.errors import BadGateway, GatewayError, GatewayTimeout
 from app.metrics import Metrics
@@ -429,6 +429,193 @@ class TestAcrossProcesses:
         results = await asyncio.gather(*tasks)
         assert upstream.calls == 50
         assert len(results) == 50
+
+
+@dataclass
+class Landing:
+    """A claim's landing as the admission's finish script does it: store, release, wake-up."""
+
+    redis: Redis
+    digest: str
+    token: str
+    finished: bool = False  # its request left already: the flight must land on its own
+    calls: list[tuple[UpstreamAnswer | None, bytes]] = field(default_factory=list)
+
+    def claim(self) -> Claim:
+        return Claim(self.token, self.land)
+
+    async def land(self, answer: UpstreamAnswer | None, wake_up: bytes) -> bool:
+        self.calls.append((answer, wake_up))
+        if self.finished:
+            return False
+        if answer is not None and answer.cacheable:
+            await self.redis.set(cache_key(self.digest), answer.body, px=60_000)
+        if await self.redis.get(FLIGHT + self.digest) == self.token.encode():
+            await self.redis.delete(FLIGHT + self.digest)
+        await self.redis.publish(FLIGHT + self.digest, wake_up)
+        return True
+
+
+async def claimed(redis: Redis, digest: str, **options: Any) -> Landing:
+    """The lock taken as the admit script takes it, and the landing that releases it."""
+    landing = Landing(redis, digest, secrets.token_hex(16), **options)
+    assert await redis.set(FLIGHT + digest, landing.token, nx=True, px=3_000)
+    return landing
+
+
+class TestClaims:
+    async def test_a_claim_leads_without_another_look_and_lands_once(
+        self, redis: Redis, make_process: MakeProcess
+    ) -> None:
+        flights = make_process()
+        digest = new_digest()
+        landing = await claimed(redis, digest)
+        store = Store(redis, digest)
+        looked: list[bool] = []
+
+        async def read_cached() -> bytes | None:
+            looked.append(True)
+            return await store.read()
+
+        upstream = Upstream(delay=0.01)
+        claim = landing.claim()
+        result = await flights.run(
+            digest,
+            deadline_s=5,
+            lock_ttl_ms=5_000,
+            execute=upstream.execute,
+            read_cached=read_cached,
+            on_result=store.write,
+            claim=claim,
+        )
+        assert result is upstream.answers[0]
+        assert looked == []  # the admit's read and claim were one step
+        assert store.writes == 0  # stored by the landing, not by on_result
+        assert landing.calls == [(result, b"w")]
+        assert await store.read() == result.body
+        assert await redis.exists(FLIGHT + digest) == 0
+        assert not claim.withdraw()  # the flight took it
+
+    async def test_an_uncacheable_answer_lands_shared(
+        self, redis: Redis, make_process: MakeProcess
+    ) -> None:
+        one, two = make_process(), make_process()
+        await two.start()
+        digest = new_digest()
+        landing = await claimed(redis, digest)
+        store = Store(redis, digest)
+        upstream = Upstream(delay=0.3, statuses=("TO",))
+        leader = asyncio.create_task(
+            one.run(
+                digest,
+                deadline_s=5,
+                lock_ttl_ms=5_000,
+                execute=upstream.execute,
+                on_result=store.write,
+                claim=landing.claim(),
+            )
+        )
+        waiter = await call(two, digest, upstream, store)
+        answer = await leader
+        assert upstream.calls == 1
+        [(landed, wake_up)] = landing.calls
+        assert landed is answer
+        assert wake_up.startswith(b"a")  # not stored: the answer itself, for the waiters
+        assert isinstance(waiter, UpstreamAnswer)
+        assert (waiter.body, waiter.statuses) == (answer.body, ("TO",))
+        assert await store.read() is None
+
+    async def test_a_failed_run_lands_its_error(
+        self, redis: Redis, make_process: MakeProcess
+    ) -> None:
+        flights = make_process()
+        digest = new_digest()
+        landing = await claimed(redis, digest)
+        upstream = Upstream(delay=0.01, error=BadGateway("the upstream failed with status 500"))
+        with pytest.raises(BadGateway):
+            await flights.run(
+                digest,
+                deadline_s=5,
+                lock_ttl_ms=5_000,
+                execute=upstream.execute,
+                claim=landing.claim(),
+            )
+        [(answer, wake_up)] = landing.calls
+        assert answer is None
+        assert wake_up.startswith(b"e")
+        assert await redis.exists(FLIGHT + digest) == 0
+
+    async def test_a_claim_whose_request_left_lands_with_the_flight(
+        self, redis: Redis, make_process: MakeProcess
+    ) -> None:
+        flights = make_process()
+        digest = new_digest()
+        landing = await claimed(redis, digest, finished=True)
+        store = Store(redis, digest)
+        upstream = Upstream(delay=0.01)
+        result = await flights.run(
+            digest,
+            deadline_s=5,
+            lock_ttl_ms=5_000,
+            execute=upstream.execute,
+            on_result=store.write,
+            claim=landing.claim(),
+        )
+        assert len(landing.calls) == 1
+        assert store.writes == 1  # stored by the flight itself, then released
+        assert await store.read() == body_of(result)
+        assert await redis.exists(FLIGHT + digest) == 0
+
+    async def test_a_claim_is_handed_to_the_flight_waiting_for_it(
+        self, redis: Redis, make_process: MakeProcess
+    ) -> None:
+        # A request of this process lost the race for the lock to one whose admit claimed it,
+        # and reached `run` first: its flight waits for that lock, so the claim goes to it.
+        flights = make_process(poll_interval=10.0)
+        await flights.start()
+        digest = new_digest()
+        landing = await claimed(redis, digest)
+        store = Store(redis, digest)
+        upstream = Upstream(delay=0.05)
+        first = asyncio.create_task(call(flights, digest, upstream, store))
+        async with asyncio.timeout(5):
+            while await redis.pubsub_numpat() == 0 or not flights._flights:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        claim = landing.claim()
+        async with asyncio.timeout(5):  # the claim wakes it: not the 10 s poll, nor the lease
+            second = await flights.run(
+                digest,
+                deadline_s=5,
+                lock_ttl_ms=5_000,
+                execute=upstream.execute,
+                read_cached=store.read,
+                on_result=store.write,
+                claim=claim,
+            )
+            assert await first is second
+        assert upstream.calls == 1
+        assert not claim.withdraw()
+        assert landing.calls == [(second, b"w")]
+        assert await redis.exists(FLIGHT + digest) == 0
+
+    async def test_a_claim_joining_a_flight_that_leads_is_not_taken(
+        self, redis: Redis, make_process: MakeProcess
+    ) -> None:
+        flights = make_process()
+        digest = new_digest()
+        upstream = Upstream(delay=0.3)
+        store = Store(redis, digest)
+        leader = asyncio.create_task(call(flights, digest, upstream, store))
+        async with asyncio.timeout(5):
+            while not await redis.exists(FLIGHT + digest):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        claim = Landing(redis, digest, "a-lock-it-no-longer-holds").claim()
+        joined = await flights.run(
+            digest, deadline_s=5, lock_ttl_ms=5_000, execute=upstream.execute, claim=claim
+        )
+        assert joined is await leader
+        assert upstream.calls == 1
+        assert claim.withdraw()  # not taken: its owner releases what it holds
 
 
 class TestRedisDown:
