@@ -308,7 +308,7 @@ async def _land(
     """A claimed flight's landing (`Claim.land`): the admission's finish, with the answer's
     store, the lock's release and the wake-up, in one script call; False once it finished."""
     if admission.finished:
-        return False  # the request is gone (cancelled): the flight lands on its own
+        return False  # the request is gone (cancelled, past its deadline): the flight lands alone
     if answer is None:
         admission.error = True  # the run failed: an upstream error, a slot refused, a bug
     else:

@@ -3,10 +3,13 @@
 The entry is the exact bytes that go out. `RedisCacheStore` keeps it in Redis (`pgw:cache:`),
 shared by every replica; `MemoryCacheStore` in this process, for a gateway without Redis.
 
-The one deliberate crossing: a cache hit must cost one Redis round trip, so the admission's read
-of the entry rides in the gate's admit script (`app.limits.redis_gate.ADMIT_SCRIPT`, KEYS[1]) and
-the in-process gate peeks at its `MemoryCacheStore`. Every other read and every write goes
-through here (single-flight waiters, batch cases, the write of a cacheable answer).
+The deliberate crossings, each to spare a round trip: a cache hit must cost one, so the
+admission's read of the entry rides in the gate's admit script (`app.limits.redis_gate`,
+ADMIT_SCRIPT's KEYS[1]) and the in-process gate peeks at its `MemoryCacheStore`; a miss must cost
+two before its answer, so the write of the answer of a miss whose admit claimed the flight lock
+rides in that admission's finish script (FINISH_SCRIPT, with the lock's release). Every other
+read and write goes through here (single-flight waiters, batch cases, a flight that took its
+lock itself, a run whose request left before it landed).
 Redis faults never fail a request: a read is a miss, a write is a lost future hit.
 """
 

@@ -5,8 +5,9 @@ loop on every request (slowapi issue #3), and its default handler turns a Redis 
 on every route (#253). We keep slowapi's limit syntax (the `limits` library's `60/minute`,
 `10/second;500/hour`) and its header names, and do the counting ourselves: one Lua script per
 request (`RedisGate`), so the rate-limit windows, the daily quota, the concurrency lease, the
-usage counters and the cache read (the one deliberate crossing into `app.cache`) cost one Redis
-round trip together.
+usage counters, the cache read and a miss's single-flight claim (deliberate crossings into
+`app.cache`) cost one Redis round trip together; one more after the run finishes the request
+and, for a claimed miss, lands its flight (store, release, wake-up).
 
 Exports:
 - `Admission`, `Gate`, `RedisGate`, `MemoryGate`, `create_gate`: the per-tenant gate.

@@ -11,6 +11,7 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import httpx
@@ -127,8 +128,9 @@ class TestRoundTrips:
         key = await gateway.tenant(rate_limit="1000/minute", max_concurrency=2)
         await gateway.execute(key, fresh())  # the key's lookup, the scripts loaded: not counted
         misses = [fresh() for _ in range(3)]
-        sends = [lambda body=body: gateway.execute(key, body) for body in misses]
-        sends.append(lambda: gateway.execute(key, misses[0]))
+        sends: list[Callable[[], Awaitable[httpx.Response]]] = [
+            partial(gateway.execute, key, body) for body in [*misses, misses[0]]
+        ]
         windows, responses = await commands_per_request(redis_server, sends)
 
         assert [r.headers["x-cache"] for r in responses] == ["MISS", "MISS", "MISS", "HIT"]
@@ -250,6 +252,25 @@ class TestExactlyOnce:
             await asyncio.gather(holder, return_exceptions=True)
         assert fake.executions == 1
 
+    async def test_a_bug_mid_run_is_finished_once_as_an_error(
+        self, gateway: Gateway, redis: Redis, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        finishes = count_finishes(gateway, monkeypatch)
+        key = await gateway.tenant(max_concurrency=1)
+
+        async def broken(*args: Any, **kwargs: Any) -> UpstreamAnswer:
+            raise RuntimeError("a bug in the upstream call")
+
+        monkeypatch.setattr(gateway.state.pool, "execute", broken)
+        response = await gateway.execute(key, fresh())
+        assert response.status_code == 500
+        assert response.json() == {"message": "internal error"}
+        [finish] = finishes
+        assert (finish.lands, finish.figures["error"]) == (True, True)
+        assert finish.admission.wake_up == b"w"  # waiters look, find nothing, take over
+        assert await locks(redis) == []
+        assert await redis.zcard(concurrency_leases("acme")) == 0
+
     async def test_a_client_gone_mid_run_is_finished_once_and_the_run_lands(
         self, make_gateway: GatewayFactory, redis: Redis, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -279,6 +300,30 @@ class TestExactlyOnce:
         assert [f.admission is finish.admission for f in finishes] == [True, False]
         usage = await today(gateway)
         assert (usage["executions"], usage["cache_hits"], usage["errors"]) == (2, 1, 1)
+
+
+class TestRedisFaults:
+    async def test_redis_gone_before_the_landing_still_answers(
+        self, make_gateway: GatewayFactory
+    ) -> None:
+        own = RedisServer()  # stopped mid-run: a server of this test's own
+        own.start()
+        try:
+            async with serve_fake(FakePiston(delay=0.5)) as fake:
+                gateway = await make_gateway(piston_urls=[fake.url], redis_url=own.url)
+                key = await gateway.tenant(max_concurrency=1)
+                request = asyncio.create_task(gateway.execute(key, fresh()))
+                async with asyncio.timeout(10):
+                    while fake.executions == 0:  # noqa: ASYNC110  # admitted, claimed, running
+                        await asyncio.sleep(0.01)
+                own.stop()
+                response = await request
+        finally:
+            own.stop()
+        # The landing script failed (logged); the answer is the run's all the same.
+        assert response.status_code == 200
+        assert response.headers["x-cache"] == "MISS"
+        assert response.json()["run"]["stdout"] == OK_ANSWER["run"]["stdout"]
 
 
 async def locks_gone(redis: Redis) -> bool:
