@@ -109,6 +109,10 @@ async def locks(redis: Redis) -> list[bytes]:
     return [key async for key in redis.scan_iter(match=FLIGHT + "*")]
 
 
+async def locks_gone(redis: Redis) -> bool:
+    return await locks(redis) == []
+
+
 async def until(check: Callable[[], Awaitable[bool]]) -> None:
     """Wait for an event that shows in Redis (a lock released, an entry stored), bounded."""
     async with asyncio.timeout(10):
@@ -324,10 +328,6 @@ class TestRedisFaults:
         assert response.status_code == 200
         assert response.headers["x-cache"] == "MISS"
         assert response.json()["run"]["stdout"] == OK_ANSWER["run"]["stdout"]
-
-
-async def locks_gone(redis: Redis) -> bool:
-    return await locks(redis) == []
 
 
 class TestClaimWithoutRun:
