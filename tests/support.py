@@ -311,3 +311,25 @@ async def ws_conversation(
         except ConnectionClosed:
             pass
         return received, socket.protocol.close_rcvd.code if socket.protocol.close_rcvd else None
+
+
+class MovableClock:
+    """An `app.clock.Clock` that stands still until the test moves it (`advance`).
+
+    It starts at the real time, so what the component stamps with it (a window's reset, a day)
+    reads as now, and only ever moves forward, as time does."""
+
+    def __init__(self) -> None:
+        self._monotonic = time.monotonic()
+        self._wall = time.time()
+
+    def monotonic(self) -> float:
+        return self._monotonic
+
+    def wall(self) -> float:
+        return self._wall
+
+    def advance(self, seconds: float) -> None:
+        assert seconds >= 0, "time does not go back"
+        self._monotonic += seconds
+        self._wall += seconds
