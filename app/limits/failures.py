@@ -1,12 +1,12 @@
 """Failed authentications per client address, so a key-guessing loop gets 429s.
 
 Counted with the `limits` library for real (its async Redis storage on redis-py, or its memory
-storage on the limiter's clock, `ClockedMemoryStorage`), with `GATEWAY_AUTH_FAILURE_RATE_LIMIT`. Only failures touch Redis: `check()` reads an
-in-process list of addresses found over the limit, consulted only for a key that failed, so a
-valid key is never refused for other failures from its address and pays no round trip for it;
-a request with no key at all is not an attempt. With several replicas, each learns of a blocked
-address at its own next failure from it, so a guessing loop gets at most one more try per
-replica per window.
+storage on the limiter's clock, `ClockedMemoryStorage`), with `GATEWAY_AUTH_FAILURE_RATE_LIMIT`.
+Only failures touch Redis: `check()` reads an in-process list of addresses found over the limit,
+consulted only for a key that failed, so a valid key is never refused for other failures from its
+address and pays no round trip for it; a request with no key at all is not an attempt. With
+several replicas, each learns of a blocked address at its own next failure from it, so a guessing
+loop gets at most one more try per replica per window.
 Redis errors fail open: authentication must keep working when Redis does not. They are reported
 to the process's `RedisOutage`, which logs the outage once at each end; while it lasts, failures
 are not sent to Redis at all.

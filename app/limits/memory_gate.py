@@ -15,6 +15,7 @@ import uuid
 from typing import Final
 
 from limits.aio.storage import MemoryStorage
+from limits.aio.storage.memory import Entry
 from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter, RateLimiter
 
 from app.cache.store import MemoryCacheStore
@@ -48,12 +49,10 @@ __all__ = ["ClockedMemoryStorage", "MemoryGate"]
 _SWEEP_MIN_KEYS: Final = 1024
 
 
-class _Entry:
-    """One hit in a moving window: when it was taken, and when it leaves the window."""
+class _Entry(Entry):
+    """One hit in a moving window, stamped by the clock (the library's own reads time.time())."""
 
-    __slots__ = ("atime", "expiry")
-
-    def __init__(self, atime: float, expiry: float) -> None:
+    def __init__(self, atime: float, expiry: float) -> None:  # not super's: it reads the time
         self.atime = atime
         self.expiry = atime + expiry
 
@@ -126,8 +125,8 @@ class ClockedMemoryStorage(MemoryStorage):
             return
         for key in [key for key, expiry in self.expirations.items() if expiry <= now]:
             self._drop(key)
-        for key in [key for key, events in self.events.items() if not events or events[0].expiry <= now]:
-            del self.events[key]
+        for key in [key for key, entries in self.events.items() if entries[0].expiry <= now]:
+            del self.events[key]  # (a list is never left empty: the first acquire fills it)
         self._sweep_at = max(_SWEEP_MIN_KEYS, 2 * (len(self.expirations) + len(self.events)))
 
 
