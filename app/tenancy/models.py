@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Annotated, Final, Literal
@@ -210,10 +211,13 @@ class ApiKey(BaseModel):
     def _ser_time(self, value: datetime | None) -> str | None:
         return _utc_iso(value)
 
-    def usable(self, now: datetime | None = None) -> bool:
+    def usable(self, now: float | None = None) -> bool:
+        """Neither revoked nor expired at `now` (epoch seconds; the real time by default)."""
         if self.revoked:
             return False
-        return self.expires_at is None or self.expires_at > (now or datetime.now(UTC))
+        if self.expires_at is None:
+            return True  # the common key: no time read at all
+        return self.expires_at.timestamp() > (time.time() if now is None else now)
 
 
 def check_browser_key_scopes(scopes: Iterable[str]) -> None:
