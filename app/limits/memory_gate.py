@@ -1,10 +1,11 @@
 """The in-process gate, for when GATEWAY_REDIS_URL is unset: one process only.
 
-The windows are counted by the `limits` library's own MemoryStorage and strategies; the quota,
-leases and usage are plain dicts, and the cache entry is peeked at in the process's
-`MemoryCacheStore` (as the Redis gate's script reads it in Redis). One lock around each admit
-makes the check-then-take atomic, as the Lua script is in Redis: a refused request consumes
-nothing. Time comes from the gate's `Clock` (windows, leases, days), which tests move.
+The windows are counted by the `limits` library's own strategies, over its MemoryStorage made
+to read the gate's clock (`ClockedMemoryStorage`); the quota, leases and usage are plain dicts,
+and the cache entry is peeked at in the process's `MemoryCacheStore` (as the Redis gate's script
+reads it in Redis). One lock around each admit makes the check-then-take atomic, as the Lua
+script is in Redis: a refused request consumes nothing. Time (windows, leases, days) comes from
+the gate's `Clock`, which tests move.
 """
 
 from __future__ import annotations
@@ -111,10 +112,11 @@ class ClockedMemoryStorage(MemoryStorage):
 
     async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
         now = self._now()
-        if events := self.events.get(key, []):
-            inside = bisect.bisect_left(events, -(now - expiry), key=lambda e: -e.atime)
+        events = self.events.get(key, [])
+        inside = bisect.bisect_left(events, -(now - expiry), key=lambda e: -e.atime)
+        if inside:
             return events[inside - 1].atime, inside
-        return now, 0
+        return now, 0  # none in the window (the library's sweep would have dropped the rest)
 
     def _drop(self, key: str) -> None:
         self.storage.pop(key, None)

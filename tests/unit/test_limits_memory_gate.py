@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
+import limits.aio.storage.memory as limits_memory
 import pytest
+from limits import parse
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
 
 from app.cache.store import MemoryCacheStore
 from app.errors import TooManyRequests
 from app.limits import Admission, MemoryGate, create_gate
 from app.limits.gate import Strategy
+from app.limits.memory_gate import ClockedMemoryStorage
 from app.metrics import Metrics
 from app.settings import Settings
 from app.tenancy.models import Tenant
@@ -135,3 +142,31 @@ async def test_expired_windows_do_not_pile_up(strategy: Strategy) -> None:
         clock.advance(0.01)
     storage = g._storage
     assert len(storage.expirations) + len(storage.events) < 2_100
+
+
+@pytest.mark.parametrize("strategy", ["fixed-window", "moving-window"])
+async def test_clocked_storage_counts_as_the_library_does(
+    strategy: Strategy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The library's own MemoryStorage, made to read the same clock, is the oracle."""
+    clock = MovableClock()
+    monkeypatch.setattr(limits_memory, "time", SimpleNamespace(time=clock.wall))
+    limiter = MovingWindowRateLimiter if strategy == "moving-window" else FixedWindowRateLimiter
+    ours, theirs = limiter(ClockedMemoryStorage(clock)), limiter(MemoryStorage())
+    items = [parse("3/second"), parse("5/2 seconds")]
+    rng = random.Random(12)
+    for _ in range(3_000):
+        item, who, cost = rng.choice(items), rng.choice("ab"), rng.choice([1, 1, 2])
+        op = rng.choice(["hit", "test", "stats", "advance"])
+        if op == "advance":
+            clock.advance(rng.choice([0.05, 0.3, 0.7, 1.0, 2.5]))
+        elif op == "hit":
+            assert await ours.hit(item, who, cost=cost) == await theirs.hit(item, who, cost=cost)
+        elif op == "test":
+            assert await ours.test(item, who, cost=cost) == await theirs.test(item, who, cost=cost)
+        else:
+            mine = await ours.get_window_stats(item, who)
+            library = await theirs.get_window_stats(item, who)
+            assert mine.remaining == library.remaining
+            if mine.remaining < item.amount:  # an empty window's reset: see get_moving_window
+                assert mine.reset_time == library.reset_time
