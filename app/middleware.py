@@ -25,6 +25,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, error_response
+from app.logging import access_log
 from app.metrics import Metrics
 
 __all__ = [
@@ -36,7 +37,7 @@ __all__ = [
     "read_json_body",
 ]
 
-log = structlog.get_logger("app.access")
+log = structlog.get_logger(__name__)
 
 
 def json_response(
@@ -184,7 +185,7 @@ class RequestContextMiddleware:
             path = getattr(route, "path", None) or "unmatched"
             self.metrics.count_request(path, status)
             principal = getattr(scope.get("state", {}).get("principal"), "key_prefix", None)
-            log.info(
+            access_log.logger.info(
                 "request",
                 method=scope["method"],
                 path=scope["path"],
