@@ -145,6 +145,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Everything alive now (settings, clients, the app) lives as long as the process: moving it
     # out of the collector's generations keeps full collections short (85-100 ms under load).
     gc.freeze()
+    metrics.watch_gc()
     try:
         yield
     finally:
@@ -240,6 +241,9 @@ def create_app(
         description=DESCRIPTION,
         lifespan=_lifespan,
         redirect_slashes=False,
+        # FastAPI's native OpenTelemetry asks the global providers on every request whether it
+        # is on; the gateway exports Prometheus metrics instead (app.metrics).
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.metrics = metrics
