@@ -217,7 +217,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """The uvicorn.run() options that bound connections and messages, for `serve` and `dev`."""
+    """The uvicorn.run() options `serve` and `dev` share: the bounds on connections and
+    messages, and the logging and headers they leave to the gateway."""
     limits = ConnectionLimits(
         header_timeout=settings.header_timeout_seconds,
         body_timeout=settings.body_timeout_seconds,
@@ -226,5 +227,8 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     return {
         "http": functools.partial(GatewayHttpProtocol, limits=limits),
         "timeout_keep_alive": settings.keepalive_seconds,
+        "server_header": False,  # no `server: uvicorn`: it names the software to whoever asks
+        "log_config": None,  # our JSON logging (app.logging), set up before uvicorn starts
+        "access_log": False,  # one access line per request is ours (app.middleware)
         "ws_max_size": settings.max_body_bytes,  # a WebSocket message is held to the body bound
     }
