@@ -73,9 +73,6 @@ def serve(
             host=host,
             port=port,
             workers=workers,
-            log_config=None,
-            access_log=False,
-            server_header=False,
             proxy_headers=False,  # X-Forwarded-For is trusted only per GATEWAY_TRUSTED_PROXIES
             **uvicorn_options(settings),
         )
@@ -178,9 +175,6 @@ def dev(
             gateway,
             host=host,
             port=port,
-            log_config=None,
-            access_log=False,
-            server_header=False,
             **uvicorn_options(settings),  # the same bounds on connections as `serve`
         )
 

@@ -7,17 +7,19 @@ browsers send WebSocket keys) blanked, whatever logged them.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import IO, Any
 from urllib.parse import unquote
 
 import orjson
 import structlog
 
-__all__ = ["configure_logging", "redact", "redact_secrets"]
+__all__ = ["AccessLog", "access_log", "configure_logging", "redact", "redact_secrets"]
 
 # A key is `pgw_` and 43 URL-safe characters; its first 12 characters are its public prefix.
 _KEY = re.compile(r"(pgw_[A-Za-z0-9_-]{8})[A-Za-z0-9_-]+")
@@ -56,6 +58,85 @@ def redact_secrets(
 
 def _dumps(obj: object, default: object = None) -> str:
     return orjson.dumps(obj, default=str).decode()
+
+
+class _BatchedLines:
+    """structlog's logger for the access lines: each rendered line is kept, and the lines of one
+    event-loop iteration go out in one write, after the answers of that iteration were sent.
+
+    Outside a running loop (or if scheduling fails) a line is written at once. What is still
+    held when the process ends is written by `flush` (atexit): no line is lost to the batch.
+    """
+
+    __slots__ = ("_flush", "_held", "_scheduled", "_write")
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._write, self._flush = stream.write, stream.flush
+        self._held: list[bytes] = []
+        self._scheduled = False
+        atexit.register(self.flush)
+
+    def msg(self, line: bytes) -> None:
+        self._held.append(line)
+        if self._scheduled:
+            return
+        try:
+            asyncio.get_running_loop().call_soon(self.flush)
+        except RuntimeError:  # no loop: nothing to batch with
+            self.flush()
+            return
+        self._scheduled = True
+
+    info = msg
+
+    def flush(self) -> None:
+        self._scheduled = False
+        held, self._held = self._held, []
+        if held:
+            self._write(b"\n".join(held) + b"\n")
+            self._flush()
+
+
+class AccessLog:
+    """The one access line per request (app.middleware), with the fields and redaction of every
+    other line. Until `configure_logging` runs (tests, in-process) it goes through structlog's
+    configuration like any line; once configured it takes structlog's fast path: a filtering
+    bound logger whose processors render bytes with orjson straight into `_BatchedLines`, no
+    stdlib `LogRecord`, handler lock or caller lookup, and one write per loop iteration. At a
+    level above info it is a no-op call.
+    """
+
+    def __init__(self) -> None:
+        self.logger: Any = structlog.get_logger("app.access")
+
+    def configure(self, level: int, stream: IO[bytes]) -> None:
+        self.logger = structlog.wrap_logger(
+            _BatchedLines(stream),
+            processors=[
+                structlog.contextvars.merge_contextvars,
+                structlog.processors.add_log_level,
+                _access_logger_name,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                redact_secrets,
+                structlog.processors.JSONRenderer(serializer=_dump_bytes),
+            ],
+            wrapper_class=structlog.make_filtering_bound_logger(level),
+            cache_logger_on_first_use=True,
+        )
+
+
+def _access_logger_name(
+    logger: Any, method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    event_dict["logger"] = "app.access"
+    return event_dict
+
+
+def _dump_bytes(obj: object, default: object = None) -> bytes:
+    return orjson.dumps(obj, default=str)
+
+
+access_log = AccessLog()
 
 
 def configure_logging(level: str = "info") -> None:
@@ -98,4 +179,5 @@ def configure_logging(level: str = "info") -> None:
     # Our middleware writes one access line per request, with the request id; uvicorn's would
     # be a second, id-less copy. (Its WebSocket lines come through "uvicorn.error", redacted.)
     logging.getLogger("uvicorn.access").disabled = True
+    access_log.configure(numeric, sys.stderr.buffer)
     logging.captureWarnings(True)  # a library's warning is a JSON line too, not bare stderr

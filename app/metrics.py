@@ -9,8 +9,11 @@ it reports the sum over the workers (Prometheus multiprocess mode).
 
 from __future__ import annotations
 
+import gc
 import os
+import time
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.metrics_core import Metric
@@ -34,6 +37,8 @@ class _MultiProcessRegistry(CollectorRegistry):
 
 
 _DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# A young collection takes tens of microseconds; a full one over a large heap, tens of ms.
+_GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 
 
 class Metrics:
@@ -94,9 +99,49 @@ class Metrics:
             for outcome in ("hit", "miss", "bypass")
         }
         self._request_counters: dict[tuple[str, int], Counter] = {}
+        self._tenant_counters: dict[str, Counter] = {}
+        self._durations: dict[str, Histogram] = {}
+        self.gc_pauses = Histogram(
+            "pgw_gc_pause_seconds",
+            "Pauses of the garbage collector, per generation (2: a full collection)",
+            ["generation"],
+            buckets=_GC_BUCKETS,
+            registry=self.registry,
+        )
+        self._gc_children = [self.gc_pauses.labels(generation=str(g)) for g in range(3)]
+        self._gc_started = 0.0
+
+    def watch_gc(self) -> None:
+        """Time every collection of this process into `pgw_gc_pause_seconds` (until close())."""
+        if self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self._gc_children[info["generation"]].observe(time.perf_counter() - self._gc_started)
+
+    def tenant_executed(self, tenant_id: str, count: int = 1) -> None:
+        child = self._tenant_counters.get(tenant_id)
+        if child is None:
+            if len(self._tenant_counters) > 10_000:  # tenants come and go: don't hold them all
+                self._tenant_counters.clear()
+            child = self._tenant_counters[tenant_id] = self.tenant_executions.labels(
+                tenant=tenant_id
+            )
+        child.inc(count)
+
+    def execute_answered(self, language: str, seconds: float) -> None:
+        child = self._durations.get(language)
+        if child is None:
+            child = self._durations[language] = self.execute_duration.labels(language=language)
+        child.observe(seconds)
 
     def close(self) -> None:
         """At a worker's shutdown: its live gauges stop counting in the others' scrapes."""
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
         if self._multiproc_dir:
             multiprocess.mark_process_dead(os.getpid(), self._multiproc_dir)  # type: ignore[no-untyped-call]
 

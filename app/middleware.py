@@ -25,6 +25,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, error_response
+from app.logging import access_log
 from app.metrics import Metrics
 
 __all__ = [
@@ -36,7 +37,7 @@ __all__ = [
     "read_json_body",
 ]
 
-log = structlog.get_logger("app.access")
+log = structlog.get_logger(__name__)
 
 
 def json_response(
@@ -184,7 +185,7 @@ class RequestContextMiddleware:
             path = getattr(route, "path", None) or "unmatched"
             self.metrics.count_request(path, status)
             principal = getattr(scope.get("state", {}).get("principal"), "key_prefix", None)
-            log.info(
+            access_log.logger.info(
                 "request",
                 method=scope["method"],
                 path=scope["path"],
@@ -259,3 +260,63 @@ class LiveOriginsCORSMiddleware(CORSMiddleware):
 
     def is_allowed_origin(self, origin: str) -> bool:
         return super().is_allowed_origin(origin) or self._live(origin)
+
+
+class DirectRoutes:
+    """The hot path's routes served in front of FastAPI's routing, through the same middleware.
+
+    FastAPI's router, its dependency resolution and its own middleware cost a cache hit about a
+    third of its CPU (bench/, py-spy): more than the auth, the plan and the Redis call together.
+    A route marked `served_directly` (app.api.deps) is matched here by method and exact path, and
+    runs inside the very middleware the app was given (request id, access log, request metrics,
+    body bounds, CORS, the 500 of last resort: `app.user_middleware`, built a second time around
+    it) with the app's own exception handlers; anything else goes to the full stack. So an answer
+    cannot tell which way it came: the suite runs both (a request with an Origin, or one to a
+    route not served here, takes the other way; `tests/integration/test_direct_routes.py`).
+    """
+
+    def __init__(self, full: ASGIApp, direct: dict[tuple[str, str], ASGIApp]) -> None:
+        self.full = full
+        self.direct = direct
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            root = scope.get("root_path", "")
+            if root and path.startswith(root):  # as Starlette's routing reads the path
+                path = path[len(root) :]
+            app = self.direct.get((scope["method"], path))
+            if app is not None:
+                await app(scope, receive, send)
+                return
+        await self.full(scope, receive, send)
+
+
+def direct_route_app(
+    route: Any,
+    authorize: Callable[[Request, str | None], Any],
+    handlers: dict[Any, Callable[[Request, Exception], Any]],
+) -> ASGIApp:
+    """One route's endpoint `(request) -> Response` as an ASGI app: authorize, run, answer.
+
+    `handlers`: the app's exception handlers by class (GatewayError, HTTPException, ...); an
+    exception none of them takes (a bug, a client gone) goes on out, to the middleware.
+    """
+    endpoint = route.endpoint
+    scope_name = route.required_scope
+
+    async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+        scope["route"] = route  # the metrics' route label, as the router would set it
+        scope["endpoint"] = endpoint
+        request = Request(scope, receive)
+        try:
+            await authorize(request, scope_name)
+            response = await endpoint(request)
+        except Exception as exc:
+            handler = next((handlers[c] for c in type(exc).__mro__ if c in handlers), None)
+            if handler is None:
+                raise
+            response = await handler(request, exc)
+        await response(scope, receive, send)
+
+    return serve

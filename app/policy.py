@@ -7,8 +7,10 @@ tested over a table of cases.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 from app.errors import BadRequest, Forbidden
+from app.memo import IdentityMemo
 from app.protocol.errors import InvalidRequest
 from app.protocol.resolve import Runtime
 from app.protocol.schemas import LIMIT_FIELDS, ExecuteRequest, enforce_caps
@@ -42,12 +44,23 @@ def check_tenant_caps(fields: TenantCreate | TenantUpdate, settings: Settings) -
             )
 
 
-def effective_caps(tenant: Tenant, settings: Settings) -> dict[str, int]:
-    """Each limit's cap for this tenant: its own `max_*`, under the global maximum."""
+def _caps(tenant: Tenant, settings: Settings) -> Mapping[str, int]:
     global_caps = settings.global_caps
-    return {
-        name: _tightest(getattr(tenant, f"max_{name}"), global_caps[name]) for name in LIMIT_FIELDS
-    }
+    return MappingProxyType(
+        {
+            name: _tightest(getattr(tenant, f"max_{name}"), global_caps[name])
+            for name in LIMIT_FIELDS
+        }
+    )
+
+
+_caps_of: IdentityMemo[Mapping[str, int]] = IdentityMemo(_caps)
+
+
+def effective_caps(tenant: Tenant, settings: Settings) -> Mapping[str, int]:
+    """Each limit's cap for this tenant: its own `max_*`, under the global maximum (computed
+    once per tenant object and settings: app.memo)."""
+    return _caps_of(tenant, settings)
 
 
 def effective_request(

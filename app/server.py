@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -62,6 +63,47 @@ def _raw_answer(status: int, message: str) -> bytes:
     )
 
 
+class _CoalescingTransport:
+    """The connection's transport, with the writes of one loop iteration sent as one.
+
+    uvicorn writes a response's head and its body separately: two `send` calls and, on loopback,
+    two segments for one small answer. Held until the end of the iteration, they leave
+    together (as do the answers of pipelined requests). Anything that ends the connection
+    sends what is held first (`close`) or drops it (`abort`, as the transport would).
+    """
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._held:
+            self._loop.call_soon(self._flush)
+        self._held.append(data)
+
+    def writelines(self, lines: Iterable[bytes]) -> None:
+        self.write(b"".join(lines))
+
+    def _flush(self) -> None:
+        held, self._held = self._held, []
+        if held and not self._transport.is_closing():
+            self._transport.write(held[0] if len(held) == 1 else b"".join(held))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._held = []
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class GatewayHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, limits: ConnectionLimits, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -75,6 +117,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     # Connections ------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        transport = cast(asyncio.Transport, _CoalescingTransport(transport, self.loop))
         super().connection_made(transport)
         if len(self.connections) > self.limits.max_connections:
             self.connections.discard(self)
@@ -174,7 +217,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """The uvicorn.run() options that bound connections and messages, for `serve` and `dev`."""
+    """The uvicorn.run() options `serve` and `dev` share: the bounds on connections and
+    messages, and the logging and headers they leave to the gateway."""
     limits = ConnectionLimits(
         header_timeout=settings.header_timeout_seconds,
         body_timeout=settings.body_timeout_seconds,
@@ -183,5 +227,8 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     return {
         "http": functools.partial(GatewayHttpProtocol, limits=limits),
         "timeout_keep_alive": settings.keepalive_seconds,
+        "server_header": False,  # no `server: uvicorn`: it names the software to whoever asks
+        "log_config": None,  # our JSON logging (app.logging), set up before uvicorn starts
+        "access_log": False,  # one access line per request is ours (app.middleware)
         "ws_max_size": settings.max_body_bytes,  # a WebSocket message is held to the body bound
     }

@@ -119,13 +119,15 @@ def uvicorn_app(factory: str, env: dict[str, str] | None = None) -> Service:
     return service
 
 
-def gateway(upstream: str, redis_url: str) -> Service:
+def gateway(upstream: str, redis_url: str, log_level: str = "warning") -> Service:
+    """The gateway as `serve` runs it; at `warning` (no access line), like the floors, unless
+    the figure is the default level's (info)."""
     port = free_port()
     env = {
         "GATEWAY_PISTON_URLS": upstream,
         "GATEWAY_REDIS_URL": redis_url,
         "GATEWAY_ADMIN_KEY": ADMIN_KEY,
-        "GATEWAY_LOG_LEVEL": "warning",
+        "GATEWAY_LOG_LEVEL": log_level,
         "GATEWAY_MAX_CONCURRENCY": "256",
     }
     return Service(cli("serve", "--port", str(port), "--workers", "1"), port, env=env)
@@ -141,6 +143,45 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
+
+
+def gc_pauses(url: str) -> dict[str, dict[str, float]]:
+    """Per generation: collections so far, their summed pause, and each bucket's count (le, s)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    seen: dict[str, dict[str, float]] = {}
+    for match in re.finditer(
+        r'^pgw_gc_pause_seconds_(bucket|count|sum)\{(?:generation="(\d)",?)?(?:le="([^"]+)",?)?'
+        r'(?:generation="(\d)")?\} (\S+)$',
+        text,
+        re.M,
+    ):
+        kind, gen_a, le, gen_b, value = match.groups()
+        figures = seen.setdefault(gen_a or gen_b, {})
+        figures[f"le {le}" if kind == "bucket" else kind] = float(value)
+    return seen
+
+
+def gc_during(
+    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
+) -> dict[str, Any]:
+    """Collections between two readings, per generation, and the longest pause's bucket."""
+    out: dict[str, Any] = {}
+    for gen, figures in after.items():
+        start = before.get(gen, {})
+        count = figures.get("count", 0) - start.get("count", 0)
+        bounds = sorted(
+            (float(name[3:]), value - start.get(name, 0))
+            for name, value in figures.items()
+            if name.startswith("le ") and name != "le +Inf"
+        )
+        # The smallest bound every collection of the phase fell under: the longest pause <= it.
+        longest = next((bound for bound, n in bounds if n >= count), float("inf"))
+        out[gen] = {
+            "collections": count,
+            "pause_ms_total": (figures.get("sum", 0) - start.get("sum", 0)) * 1000,
+            "longest_pause_ms_at_most": longest * 1000 if count else 0.0,
+        }
+    return out
 
 
 def round_trips_per_request(redis_url: str, send: Callable[[], object], requests: int) -> float:
@@ -279,41 +320,64 @@ def run(smoke: bool) -> dict[str, Any]:
 
     try:
         floor = up(uvicorn_app("bench.servers:floor_app"), "/docs")
+        naive = up(
+            uvicorn_app("bench.servers:naive_floor_app", {"BENCH_REDIS_URL": redis_server.url}),
+            "/ready",
+        )
         upstream = up(uvicorn_app("bench.servers:instant_upstream_app"), "/api/v2/runtimes")
         gw = up(gateway(upstream.url, redis_server.url), "/healthz")
+        gw_info = up(gateway(upstream.url, redis_server.url, log_level="info"), "/healthz")
         key = mint(gw, "bench")
+        info_auth = {"Authorization": f"Bearer {mint(gw_info, 'bench-info')}"}
         bypass_key = mint(gw, "bench-nocache", cache=False)
         auth = {"Authorization": f"Bearer {key}"}
         body = orjson.dumps(PROGRAM)
 
         # 1-2. Floor and the cache-hit path.
-        httpx.post(
-            f"{gw.url}/api/v2/execute",
-            content=body,
-            headers={**auth, "Content-Type": "application/json"},
-        ).raise_for_status()
+        for server, headers in ((gw, auth), (gw_info, info_auth)):
+            httpx.post(
+                f"{server.url}/api/v2/execute",
+                content=body,
+                headers={**headers, "Content-Type": "application/json"},
+            ).raise_for_status()
         # Interleaved, best of two each: a burst of noise from a neighbour on the shared machine
         # then hurts a figure and its floor alike, instead of whichever ran at the time.
-        floor_runs, hit_runs = [], []
+        phases = {
+            "floor": (floor, {}),
+            "naive_floor": (naive, {}),
+            "cache_hit": (gw, auth),
+            "cache_hit_info": (gw_info, info_auth),
+        }
+        runs: dict[str, list[Load]] = {name: [] for name in phases}
+        gc_before = gc_pauses(gw.url)
         for _ in range(2):
-            floor_runs.append(
-                wrk(
-                    f"{floor.url}/api/v2/execute",
-                    body,
-                    {},
-                    seconds=seconds,
-                    connections=connections,
+            for name, (server, headers) in phases.items():
+                runs[name].append(
+                    wrk(
+                        f"{server.url}/api/v2/execute",
+                        body,
+                        headers,
+                        seconds=seconds,
+                        connections=connections,
+                    )
                 )
-            )
-            hit_runs.append(
-                wrk(
-                    f"{gw.url}/api/v2/execute", body, auth, seconds=seconds, connections=connections
-                )
-            )
-        floor_load = max(floor_runs, key=lambda load: load.rps)
-        hit = max(hit_runs, key=lambda load: load.rps)
+        # Collections in the hit server over its two runs (and, idle, the others' in between).
+        results["gc_during_hits"] = gc_during(gc_before, gc_pauses(gw.url))
+        best = {name: max(loads, key=lambda load: load.rps) for name, loads in runs.items()}
+        floor_load, naive_load = best["floor"], best["naive_floor"]
         results["floor"] = asdict(floor_load)
-        results["cache_hit"] = {**asdict(hit), "ratio_to_floor": hit.rps / floor_load.rps}
+        results["naive_floor"] = {
+            **asdict(naive_load),
+            "ratio_to_floor": naive_load.rps / floor_load.rps,
+        }
+        for name in ("cache_hit", "cache_hit_info"):
+            hit = best[name]
+            results[name] = {
+                **asdict(hit),
+                "ratio_to_floor": hit.rps / floor_load.rps,
+                "ratio_to_naive": hit.rps / naive_load.rps,
+                "p99_to_floor_p99": hit.p99_ms / floor_load.p99_ms,
+            }
         # 7. Redis round trips per cache hit: commands the gateway sent, counted by MONITOR.
         hits = 100 if smoke else 1_000
         results["redis_round_trips_per_hit"] = round_trips_per_request(
@@ -416,6 +480,9 @@ def run(smoke: bool) -> dict[str, Any]:
 
 def report(results: dict[str, Any]) -> str:
     hit, floor, pt = results["cache_hit"], results["floor"], results["pass_through"]
+    naive, hit_info = results["naive_floor"], results["cache_hit_info"]
+    gc_hits = results["gc_during_hits"]
+    full_gc = gc_hits.get("2", {})
     real, memory = results["real_execution"], results["memory"]
     rows = [
         (
@@ -425,10 +492,33 @@ def report(results: dict[str, Any]) -> str:
             "1.00",
         ),
         (
+            "floor: FastAPI + 1 redis-py EVALSHA",
+            f"{naive['rps']:.0f} req/s",
+            f"p50 {naive['p50_ms']:.2f} ms, p99 {naive['p99_ms']:.2f} ms",
+            f"{naive['ratio_to_floor']:.2f} of floor",
+        ),
+        (
             "cache hit (auth, limits, cache)",
             f"{hit['rps']:.0f} req/s",
             f"p50 {hit['p50_ms']:.2f} ms, p99 {hit['p99_ms']:.2f} ms",
-            f"{hit['ratio_to_floor']:.2f} of floor (target >= 0.50)",
+            f"{hit['ratio_to_floor']:.2f} of floor (target >= 0.50), "
+            f"{hit['ratio_to_naive']:.2f}x naive (>= 1.2), "
+            f"p99 {hit['p99_to_floor_p99']:.1f}x floor's (<= 3)",
+        ),
+        (
+            "cache hit, log level info (default)",
+            f"{hit_info['rps']:.0f} req/s",
+            f"p50 {hit_info['p50_ms']:.2f} ms, p99 {hit_info['p99_ms']:.2f} ms",
+            f"{hit_info['ratio_to_floor']:.2f} of floor, one access line per request",
+        ),
+        (
+            "GC during the hit runs",
+            " ".join(
+                f"gen{gen} {figures['collections']:.0f}" for gen, figures in sorted(gc_hits.items())
+            )
+            + " collections",
+            f"longest full (gen2) <= {full_gc.get('longest_pause_ms_at_most', 0):g} ms",
+            f"{sum(f['pause_ms_total'] for f in gc_hits.values()):.1f} ms paused in all",
         ),
         (
             "pass-through overhead",

@@ -71,3 +71,36 @@ def instant_upstream_app() -> FastAPI:
         return Response(str(executions))
 
     return app
+
+
+def naive_floor_app() -> FastAPI:
+    """The naive one-round-trip service: FastAPI and one redis-py EVALSHA of `return 1` per
+    request (the issue's second floor: a gateway with a Redis call per hit cannot do better
+    with the stock client, so the hit path is measured against it too)."""
+    from contextlib import asynccontextmanager
+    from typing import Any
+
+    from redis.asyncio import Redis
+
+    clients: list[Any] = []
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        client = Redis.from_url(os.environ["BENCH_REDIS_URL"])
+        clients.append(client.register_script("return 1"))
+        await clients[0]()
+        yield
+        await client.aclose()
+
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+
+    @app.post("/api/v2/execute")
+    async def execute() -> Response:
+        await clients[0]()
+        return Response(ANSWER, media_type="application/json")
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        return Response(b"ok")
+
+    return app

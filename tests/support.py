@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from redis.asyncio import Redis
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
@@ -311,3 +312,36 @@ async def ws_conversation(
         except ConnectionClosed:
             pass
         return received, socket.protocol.close_rcvd.code if socket.protocol.close_rcvd else None
+
+
+class MovableClock:
+    """An `app.clock.Clock` that stands still until the test moves it (`advance`).
+
+    It starts at the real time, so what the component stamps with it (a window's reset, a day)
+    reads as now, and only ever moves forward, as time does."""
+
+    def __init__(self) -> None:
+        self._monotonic = time.monotonic()
+        self._wall = time.time()
+
+    def monotonic(self) -> float:
+        return self._monotonic
+
+    def wall(self) -> float:
+        return self._wall
+
+    def advance(self, seconds: float) -> None:
+        assert seconds >= 0, "time does not go back"
+        self._monotonic += seconds
+        self._wall += seconds
+
+
+async def until_expired(redis: Redis, key: str, *, within: float) -> None:
+    """Until Redis has expired `key` (the event its TTL ends in); fails past `within` seconds.
+
+    EXISTS expires a key whose TTL is over at once (Redis checks on access), so the poll sees
+    the expiry itself, not Redis's background sweep."""
+    assert await redis.exists(key), f"{key} is not there to expire"
+    async with asyncio.timeout(within):
+        while await redis.exists(key):  # noqa: ASYNC110 (a TTL's end is no event to await)
+            await asyncio.sleep(0.01)

@@ -13,8 +13,8 @@ of the request's CPU (bench/, cProfile); the 401/403 answers are the same.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
-from typing import Annotated, Any, ClassVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Annotated, Any, ClassVar, Final, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.routing import APIRoute
@@ -39,6 +39,7 @@ __all__ = [
     "get_state",
     "keyed_router",
     "principal_of",
+    "served_directly",
     "with_trailing_slash",
 ]
 
@@ -159,6 +160,24 @@ def keyed_router(*, scope: str | None, **kwargs: Any) -> APIRouter:
         f"AuthorizedRoute_{scope or 'any'}", (_AuthorizedRoute,), {"required_scope": scope}
     )
     return APIRouter(route_class=route_class, **kwargs)
+
+
+_DIRECT: Final = "__pgw_served_directly__"
+
+
+_Endpoint = TypeVar("_Endpoint", bound=Callable[[Request], Awaitable[Response]])
+
+
+def served_directly(endpoint: _Endpoint) -> _Endpoint:
+    """Mark a keyed route's endpoint `(request) -> Response` to be served in front of FastAPI's
+    routing, inside the same middleware (app.middleware.DirectRoutes): the hot path's one route.
+    It must take nothing but the request: no dependency is resolved there."""
+    setattr(endpoint, _DIRECT, True)
+    return endpoint
+
+
+def is_served_directly(route: object) -> bool:
+    return isinstance(route, _AuthorizedRoute) and getattr(route.endpoint, _DIRECT, False)
 
 
 def with_trailing_slash(

@@ -24,6 +24,7 @@ from app.api.deps import (
     get_state,
     keyed_router,
     principal_of,
+    served_directly,
     with_trailing_slash,
 )
 from app.errors import GatewayError, ServiceUnavailable, message_responses
@@ -73,6 +74,7 @@ _EXECUTE_DOCS: dict[str, Any] = dict(
 )
 
 
+@served_directly  # the hot path: no FastAPI routing in front of it (app.middleware.DirectRoutes)
 async def execute(request: Request) -> Response:
     """Run code, exactly as Piston's POST /api/v2/execute (answers carry X-Cache)."""
     started = time.perf_counter()

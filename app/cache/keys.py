@@ -8,8 +8,7 @@ entry in Redis (`pgw:cache:<digest>`, from `app.redis`).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
-from functools import partial
+from functools import lru_cache
 from typing import Final, Literal, NamedTuple
 
 from app.protocol.schemas import LIMIT_FIELDS, ExecuteRequest
@@ -86,15 +85,27 @@ def cache_mode(*, ttl_seconds: int, tenant_cache: bool, cache_control: str | Non
 _DIGEST_FORMAT: Final = b"pgw-cache/1"
 
 
-def _put(update: Callable[[bytes], None], value: bytes) -> None:
+def _field(value: bytes) -> bytes:
     # Length-prefixed fields: no value can run into the next one, whatever bytes it holds.
-    update(len(value).to_bytes(8, "big"))
-    update(value)
+    return len(value).to_bytes(8, "big") + value
 
 
 def _text(value: str) -> bytes:
     # surrogatepass: a lone surrogate (legal in JSON via \\ud800) must hash, not crash.
     return value.encode("utf-8", "surrogatepass")
+
+
+_GLOBAL_SCOPE: Final = _field(_DIGEST_FORMAT) + _field(b"global")
+_LIMIT_NAMES: Final = tuple((name, _field(name.encode())) for name in LIMIT_FIELDS)
+_NO_VALUE: Final = _field(b"")
+
+
+@lru_cache(maxsize=4096)
+def _scope(tenant_id: str | None) -> bytes:
+    """The digest's first fields: the format and the scope (a tenant's, or the global one)."""
+    if tenant_id is None:
+        return _GLOBAL_SCOPE
+    return _field(_DIGEST_FORMAT) + _field(b"tenant") + _field(_text(tenant_id))
 
 
 def cache_digest(request: ExecuteRequest, *, tenant_id: str | None) -> str:
@@ -116,30 +127,27 @@ def cache_digest(request: ExecuteRequest, *, tenant_id: str | None) -> str:
     Piston runs only the utf8 files as code. stdin is kept exactly (no newline added): current
     Piston passes it through unchanged.
     """
-    digest = hashlib.sha256()
-    put = partial(_put, digest.update)
-    put(_DIGEST_FORMAT)
-    if tenant_id is None:
-        put(b"global")
-    else:
-        put(b"tenant")
-        put(_text(tenant_id))
-    put(_text(request.language))
-    put(_text(request.version))
-    put(str(len(request.files)).encode())
+    # The fields, built as one buffer and hashed in one call (the same bytes as feeding them
+    # one by one, a fraction of the calls on the hot path).
+    parts = [
+        _scope(tenant_id),
+        _field(_text(request.language)),
+        _field(_text(request.version)),
+        _field(str(len(request.files)).encode()),
+    ]
     for index, file in enumerate(request.files):
-        put(_text(file.name if file.name is not None else f"file{index}.code"))
-        put(_text(file.encoding))
-        put(_text(file.content))
-    put(_text(request.stdin))
-    put(str(len(request.args)).encode())
-    for arg in request.args:
-        put(_text(arg))
-    for name in LIMIT_FIELDS:
-        value = request.limits.get(name)
-        put(name.encode())
-        put(b"" if value is None else str(value).encode())
-    return digest.hexdigest()
+        parts.append(_field(_text(file.name if file.name is not None else f"file{index}.code")))
+        parts.append(_field(_text(file.encoding)))
+        parts.append(_field(_text(file.content)))
+    parts.append(_field(_text(request.stdin)))
+    parts.append(_field(str(len(request.args)).encode()))
+    parts.extend(_field(_text(arg)) for arg in request.args)
+    limits = request.limits
+    for name, encoded_name in _LIMIT_NAMES:
+        value = limits.get(name)
+        parts.append(encoded_name)
+        parts.append(_NO_VALUE if value is None else _field(str(value).encode()))
+    return hashlib.sha256(b"".join(parts)).hexdigest()
 
 
 def cache_key(digest: str) -> str:

@@ -16,12 +16,12 @@ Redis faults never fail a request: a read is a miss, a write is a lost future hi
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import OrderedDict
 from typing import Final, Protocol
 
 from redis.asyncio import Redis
 
+from app.clock import SYSTEM_CLOCK, Clock
 from app.redis_outage import OUTAGE_ERRORS, REDIS_DEADLINE_S, RedisOutage
 
 __all__ = ["CacheStore", "MemoryCacheStore", "RedisCacheStore", "create_cache_store"]
@@ -71,9 +71,12 @@ class RedisCacheStore:
 class MemoryCacheStore:
     """Entries in this process, least recently used first out past `max_entries`."""
 
-    def __init__(self, *, max_entries: int = _DEFAULT_MEMORY_ENTRIES) -> None:
+    def __init__(
+        self, *, max_entries: int = _DEFAULT_MEMORY_ENTRIES, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self._max_entries = max_entries
+        self._monotonic = clock.monotonic  # entries expire on it (tests move it)
 
     def peek(self, key: str) -> bytes | None:
         """The entry without awaiting: the in-process gate's read inside its admission."""
@@ -81,7 +84,7 @@ class MemoryCacheStore:
         if entry is None:
             return None
         expiry, body = entry
-        if expiry <= time.monotonic():
+        if expiry <= self._monotonic():
             del self._entries[key]
             return None
         self._entries.move_to_end(key)
@@ -93,7 +96,7 @@ class MemoryCacheStore:
     async def write(self, key: str, body: bytes, ttl_seconds: int) -> None:
         if ttl_seconds <= 0:
             return
-        self._entries[key] = (time.monotonic() + ttl_seconds, body)
+        self._entries[key] = (self._monotonic() + ttl_seconds, body)
         self._entries.move_to_end(key)
         while len(self._entries) > self._max_entries:
             self._entries.popitem(last=False)

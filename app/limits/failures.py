@@ -1,12 +1,12 @@
 """Failed authentications per client address, so a key-guessing loop gets 429s.
 
 Counted with the `limits` library for real (its async Redis storage on redis-py, or its memory
-storage), with `GATEWAY_AUTH_FAILURE_RATE_LIMIT`. Only failures touch Redis: `check()` reads an
-in-process list of addresses found over the limit, consulted only for a key that failed, so a
-valid key is never refused for other failures from its address and pays no round trip for it;
-a request with no key at all is not an attempt. With several replicas, each learns of a blocked
-address at its own next failure from it, so a guessing loop gets at most one more try per
-replica per window.
+storage on the limiter's clock, `ClockedMemoryStorage`), with `GATEWAY_AUTH_FAILURE_RATE_LIMIT`.
+Only failures touch Redis: `check()` reads an in-process list of addresses found over the limit,
+consulted only for a key that failed, so a valid key is never refused for other failures from its
+address and pays no round trip for it; a request with no key at all is not an attempt. With
+several replicas, each learns of a blocked address at its own next failure from it, so a guessing
+loop gets at most one more try per replica per window.
 Redis errors fail open: authentication must keep working when Redis does not. They are reported
 to the process's `RedisOutage`, which logs the outage once at each end; while it lasts, failures
 are not sent to Redis at all.
@@ -16,18 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import time
 from collections.abc import Sequence
 from typing import Final
 
 import structlog
 from limits import RateLimitItem, parse_many
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.storage import RedisStorage, Storage
 from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter, RateLimiter
 from redis.asyncio import Redis
 
+from app.clock import SYSTEM_CLOCK, Clock
 from app.errors import TooManyRequests
 from app.limits.gate import retry_after
+from app.limits.memory_gate import ClockedMemoryStorage
 from app.metrics import Metrics
 from app.redis import rate_limit_window
 from app.redis_outage import REDIS_DEADLINE_S, RedisOutage
@@ -55,14 +56,16 @@ class AuthFailureLimiter:
         redis: Redis | None = None,
         metrics: Metrics | None = None,
         outage: RedisOutage | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._owns_outage = outage is None
+        self._now = clock.wall
         self._items: list[RateLimitItem] = parse_many(settings.auth_failure_rate_limit)
         self._metrics = metrics
         self._redis = redis
         storage: Storage
         if redis is None:
-            storage = MemoryStorage()
+            storage = ClockedMemoryStorage(clock)
         else:
             # The process's one pool (app.redis.open_redis: short timeouts, one immediate
             # retry), so an outage holds a failed login no longer than any other Redis call.
@@ -86,7 +89,7 @@ class AuthFailureLimiter:
         until = self._blocked.get(address)
         if until is None:
             return
-        now = time.time()
+        now = self._now()
         if until <= now:
             del self._blocked[address]
             return
@@ -120,7 +123,7 @@ class AuthFailureLimiter:
 
     def _remember(self, address: str, until: float) -> None:
         if len(self._blocked) >= _MAX_BLOCKED:
-            now = time.time()
+            now = self._now()
             self._blocked = {a: t for a, t in self._blocked.items() if t > now}
         self._blocked[address] = until
 

@@ -1,22 +1,26 @@
 """The in-process gate, for when GATEWAY_REDIS_URL is unset: one process only.
 
-The windows are counted by the `limits` library's own MemoryStorage and strategies; the quota,
-leases and usage are plain dicts, and the cache entry is peeked at in the process's
-`MemoryCacheStore` (as the Redis gate's script reads it in Redis). One lock around each admit
-makes the check-then-take atomic, as the Lua script is in Redis: a refused request consumes
-nothing.
+The windows are counted by the `limits` library's own strategies, over its MemoryStorage made
+to read the gate's clock (`ClockedMemoryStorage`); the quota, leases and usage are plain dicts,
+and the cache entry is peeked at in the process's `MemoryCacheStore` (as the Redis gate's script
+reads it in Redis). One lock around each admit makes the check-then-take atomic, as the Lua
+script is in Redis: a refused request consumes nothing. Time (windows, leases, days) comes from
+the gate's `Clock`, which tests move.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+import bisect
 import uuid
+from typing import Final
 
 from limits.aio.storage import MemoryStorage
+from limits.aio.storage.memory import Entry
 from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter, RateLimiter
 
 from app.cache.store import MemoryCacheStore
+from app.clock import SYSTEM_CLOCK, Clock
 from app.limits.gate import (
     DEFAULT_LEASE_TTL_MS,
     MAX_USAGE_DAYS,
@@ -40,7 +44,92 @@ from app.limits.gate import (
 from app.metrics import Metrics
 from app.tenancy.models import Tenant
 
-__all__ = ["MemoryGate"]
+__all__ = ["ClockedMemoryStorage", "MemoryGate"]
+
+# Keys held before the first sweep of expired ones; after it, twice what the sweep left.
+_SWEEP_MIN_KEYS: Final = 1024
+
+
+class _Entry(Entry):
+    """One hit in a moving window, stamped by the clock (the library's own reads time.time())."""
+
+    def __init__(self, atime: float, expiry: float) -> None:  # not super's: it reads the time
+        self.atime = atime
+        self.expiry = atime + expiry
+
+
+class ClockedMemoryStorage(MemoryStorage):
+    """The `limits` library's in-process storage, reading the time from a `Clock`.
+
+    The library reads `time.time()` itself, which no test can move: the methods the fixed and
+    moving window strategies call are these, the same logic on `clock.wall`. Its background
+    expiry task is replaced by a sweep of the expired keys when a new key would pass a bound
+    (twice what the last sweep left), so memory stays bounded by the live windows, amortized
+    O(1); and a moving window keeps only its `limit` newest entries, the only ones it reads.
+    Used by the in-process gate and failed-attempt limiter, which never await inside a window
+    operation (so the library's per-key locks are not needed).
+    """
+
+    def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
+        super().__init__()
+        self._now = clock.wall
+        self._sweep_at = _SWEEP_MIN_KEYS
+
+    async def incr(self, key: str, expiry: float, amount: int = 1) -> int:
+        now = self._now()
+        if self.expirations.get(key, 0) <= now:
+            self._drop(key)
+            self._sweep(now)
+        self.storage[key] += amount
+        if self.storage[key] == amount:
+            self.expirations[key] = now + expiry
+        return self.storage[key]
+
+    async def get(self, key: str) -> int:
+        if self.expirations.get(key, 0) <= self._now():
+            self._drop(key)
+        return self.storage.get(key, 0)
+
+    async def get_expiry(self, key: str) -> float:
+        return self.expirations.get(key, self._now())
+
+    async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        if amount > limit:
+            return False
+        now = self._now()
+        events = self.events.get(key)
+        if events is None:
+            self._sweep(now)
+            events = self.events[key] = []
+        # Newest first: the entry `limit - amount` back must have left the window.
+        oldest = events[limit - amount] if len(events) > limit - amount else None
+        if oldest is not None and oldest.atime >= now - expiry:
+            return False
+        entry = _Entry(now, expiry)
+        events[:0] = [entry] * amount
+        del events[limit:]  # older ones are out of the window: it never holds more than limit
+        return True
+
+    async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
+        now = self._now()
+        events = self.events.get(key, [])
+        inside = bisect.bisect_left(events, -(now - expiry), key=lambda e: -e.atime)
+        if inside:
+            return events[inside - 1].atime, inside
+        return now, 0  # none in the window (the library's sweep would have dropped the rest)
+
+    def _drop(self, key: str) -> None:
+        self.storage.pop(key, None)
+        self.expirations.pop(key, None)
+
+    def _sweep(self, now: float) -> None:
+        if len(self.expirations) + len(self.events) < self._sweep_at:
+            return
+        for key in [key for key, expiry in self.expirations.items() if expiry <= now]:
+            self._drop(key)
+        for key in [key for key, entries in self.events.items() if entries[0].expiry <= now]:
+            del self.events[key]  # (a list is never left empty: the first acquire fills it)
+        self._sweep_at = max(_SWEEP_MIN_KEYS, 2 * (len(self.expirations) + len(self.events)))
 
 
 class MemoryGate:
@@ -53,11 +142,14 @@ class MemoryGate:
         strategy: Strategy = "fixed-window",
         metrics: Metrics | None = None,
         cache: MemoryCacheStore | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._default_rate_limit = default_rate_limit
         self._strategy: Strategy = strategy
         self._metrics = metrics
-        self._storage = MemoryStorage()
+        self._now = clock.wall
+        self._monotonic = clock.monotonic
+        self._storage = ClockedMemoryStorage(clock)
         self._limiter: RateLimiter = (
             MovingWindowRateLimiter(self._storage)
             if strategy == "moving-window"
@@ -67,7 +159,7 @@ class MemoryGate:
         self._quota: dict[tuple[str, str], int] = {}
         self._leases: dict[str, dict[str, float]] = {}  # tenant -> lease -> expiry (monotonic)
         self._usage: dict[tuple[str, str], UsageCounters] = {}
-        self._cache = cache if cache is not None else MemoryCacheStore()
+        self._cache = cache if cache is not None else MemoryCacheStore(clock=clock)
 
     async def admit(
         self,
@@ -81,7 +173,7 @@ class MemoryGate:
         flight: str | None = None,  # one process: single-flight is in-process, nothing to claim
         flight_lease_ms: int = 0,
     ) -> Admission:
-        now = time.time()
+        now = self._now()
         day = utc_day(now)
         windows = counted_windows(
             tenant.rate_limit or self._default_rate_limit, client, self._strategy
@@ -143,7 +235,7 @@ class MemoryGate:
             # One lease, or as many of those wanted as are free (at least the one checked above).
             granted = min(max(1, leases), (tenant.max_concurrency or 0) - len(held))
             for lease_id in lease_ids(lease, granted):
-                held[lease_id] = time.monotonic() + lease_ttl_ms / 1000
+                held[lease_id] = self._monotonic() + lease_ttl_ms / 1000
         usage.add("executions", cost)
         if cached is not None:
             usage.add("cache_hits")
@@ -159,7 +251,7 @@ class MemoryGate:
     def _live_leases(self, tenant_id: str) -> dict[str, float]:
         """The tenant's leases, the expired ones dropped (a request that never finished)."""
         leases = self._leases.setdefault(tenant_id, {})
-        now = time.monotonic()
+        now = self._monotonic()
         for lease in [lease for lease, expiry in leases.items() if expiry <= now]:
             del leases[lease]
         return leases
@@ -173,7 +265,7 @@ class MemoryGate:
 
     def _forget_old_usage(self) -> None:
         """Keep 31 days, as Redis does: runs when a new tenant-day starts, so rarely."""
-        keep = set(usage_days(time.time(), MAX_USAGE_DAYS))
+        keep = set(usage_days(self._now(), MAX_USAGE_DAYS))
         for key in [key for key in self._usage if key[1] not in keep]:
             del self._usage[key]
 
@@ -213,5 +305,5 @@ class MemoryGate:
         empty = UsageCounters()
         return [
             usage_row(day, self._usage.get((tenant_id, day), empty).values)
-            for day in usage_days(time.time(), days)
+            for day in usage_days(self._now(), days)
         ]

@@ -33,6 +33,7 @@ import structlog
 from redis.asyncio import Redis
 
 from app import redis as redis_keys
+from app.clock import Clock
 from app.limits.gate import (
     DEFAULT_LEASE_TTL_MS,
     USAGE_TTL_SECONDS,
@@ -92,13 +93,15 @@ _REFUSALS: Final[dict[int, Refusal]] = {
 # ARGV[7] lease TTL (ms)              ARGV[8] usage TTL (s)
 # ARGV[9..] per window: amount, length (s)   then: cost, the executions asked for (a batch),
 #           and the leases wanted (a batch running cases side by side; at least one is taken),
-#           and the flight lock's lease (ms; 0: claim nothing)
+#           and the flight lock's lease (ms; 0: claim nothing),
+#           and last, a test clock's now (ms), or "" (in production): Redis's TIME
 # Returns {outcome, cached or false, now_ms, quota used, leases granted,
 #          then per window: count, reset_ms, then 1 when the flight lock was claimed, else 0}
 ADMIT_SCRIPT: Final = """
 -- Redis's clock, shared by every replica; ms is enough for windows of a second or more.
+-- (A test passes its clock's now as the last ARGV; production passes "", so TIME.)
 local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_ms = tonumber(ARGV[#ARGV]) or (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 local moving = ARGV[2] == '1'
 local quota = tonumber(ARGV[3])
 local cap = tonumber(ARGV[5])
@@ -281,8 +284,11 @@ class RedisGate:
         outage: RedisOutage | None = None,
         deadline_s: float = REDIS_DEADLINE_S,
         scripts: PipelinedRedis | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self._redis = redis
+        # Tests only: windows and leases on a clock they move instead of Redis's TIME.
+        self._clock = clock
         self._default_rate_limit = default_rate_limit
         self._strategy: Strategy = strategy
         self._fail_open = fail_open
@@ -345,7 +351,9 @@ class RedisGate:
         ]
         for w in windows:
             args += (w.amount, w.seconds)
-        args += (max(1, cost), max(1, leases), max(1, flight_lease_ms) if flight else 0)
+        # Last, a test clock's now (ms), or "": the script reads Redis's TIME.
+        now_ms = "" if self._clock is None else int(self._clock.wall() * 1000)
+        args += (max(1, cost), max(1, leases), max(1, flight_lease_ms) if flight else 0, now_ms)
         if self._outage.active:
             return self._unavailable(tenant.id, day)
         try:

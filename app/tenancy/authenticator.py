@@ -6,6 +6,9 @@ entry here within milliseconds. While that subscription is down, cached entries 
 only `_FALLBACK_TTL_SECONDS`, so a revocation still reaches this process within the contract's
 2 seconds.
 
+Freshness, the outage grace and key expiry are read from the authenticator's `Clock` (tests move
+it); the subscription's liveness (`listening`) is the real time of pings answered.
+
 While Redis itself is unreachable (the process's `RedisOutage`), nothing can be checked: a key
 this process verified within `outage_seconds` keeps working from the cache, and any other key
 is answered 503 (it cannot be checked), never 401 and never 500.
@@ -24,13 +27,13 @@ import hmac
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from typing import Final
 
 import structlog
 from redis.asyncio import Redis
 
 from app import redis as redis_keys
+from app.clock import SYSTEM_CLOCK, Clock
 from app.redis import Subscription
 from app.redis_outage import OUTAGE_ERRORS, REDIS_DEADLINE_S, RedisOutage, RedisUnavailable
 from app.tenancy.keys import hash_key
@@ -59,7 +62,7 @@ _START_WAIT_SECONDS = 1.0
 class _Entry:
     key: ApiKey
     principal: Principal
-    fetched_at: float
+    fetched_at: float  # the clock's monotonic time
     # Set when invalidations may have been missed (a resubscribe): read again before use, but
     # kept, since it is still a key this process verified (the outage grace serves it).
     stale: bool = False
@@ -85,8 +88,11 @@ class Authenticator:
         cache_seconds: float = 30,
         outage: RedisOutage | None = None,
         outage_seconds: float = 300,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._store = store
+        self._monotonic = clock.monotonic
+        self._now = clock.wall
         self._redis = redis
         self._admin_digest = hash_key(admin_key) if admin_key else None
         self._admin = _admin_principal()
@@ -129,6 +135,7 @@ class Authenticator:
             self._invalidations.start()
             # Return once subscribed (or after a bound, if Redis is down): a cancel that lands
             # while redis-py is still connecting can be lost on Python 3.11, hanging shutdown.
+            # Real time, not the clock's: this waits for an event, it times no window.
             deadline = time.monotonic() + _START_WAIT_SECONDS
             while not self.listening and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.005)
@@ -150,7 +157,7 @@ class Authenticator:
         if entry is None or not self._fresh(entry):
             entry = await self._verify(digest, entry)
         # Expiry is checked on every use, so a cached key stops working the second it expires.
-        if entry is None or not entry.key.usable(datetime.now(UTC)):
+        if entry is None or not entry.key.usable(self._now()):
             return None
         return entry.principal
 
@@ -187,7 +194,7 @@ class Authenticator:
         entry = self._cache.get(digest)
         if entry is None:
             return None
-        if time.monotonic() - entry.fetched_at >= max(self._cache_seconds, self._outage_seconds):
+        if self._monotonic() - entry.fetched_at >= max(self._cache_seconds, self._outage_seconds):
             del self._cache[digest]
             return None
         self._cache.move_to_end(digest)
@@ -195,7 +202,7 @@ class Authenticator:
 
     def _fresh(self, entry: _Entry) -> bool:
         ttl = self._cache_seconds if self.listening else _FALLBACK_TTL_SECONDS
-        return not entry.stale and time.monotonic() - entry.fetched_at < ttl
+        return not entry.stale and self._monotonic() - entry.fetched_at < ttl
 
     async def _verify(self, digest: str, stale: _Entry | None) -> _Entry | None:
         """Look the key up in Redis; during an outage fall back on what this process verified."""
@@ -207,20 +214,20 @@ class Authenticator:
                 self._outage.failed(exc, by="key_lookup")
             else:
                 self._outage.succeeded()
-                if entry is None or not entry.key.usable():
+                if entry is None or not entry.key.usable(self._now()):
                     # Gone, revoked or expired in Redis: the stale entry must not outlive it
                     # (it would be served again during an outage).
                     self._cache.pop(digest, None)
                 return entry
         elif not self._caching:
             return await self._fetch(digest)
-        if stale is not None and time.monotonic() - stale.fetched_at < self._outage_seconds:
+        if stale is not None and self._monotonic() - stale.fetched_at < self._outage_seconds:
             return stale
         raise RedisUnavailable("checking this API key")
 
     async def _fetch(self, digest: str) -> _Entry | None:
         generation = self._generation
-        fetched_at = time.monotonic()
+        fetched_at = self._monotonic()
         key = await self._store.key_by_hash(digest)
         if key is None:
             # Unknown keys are not cached: a key minted a moment ago must work at once, and
@@ -240,7 +247,7 @@ class Authenticator:
             client_rate_limit=key.client_rate_limit,
         )
         entry = _Entry(key=key, principal=principal, fetched_at=fetched_at)
-        if self._caching and generation == self._generation and key.usable():
+        if self._caching and generation == self._generation and key.usable(self._now()):
             self._cache[digest] = entry
             browser = browser_entry(key)
             if browser is not None:

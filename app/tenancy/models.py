@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
+from annotated_types import Ge, Gt, Le, MaxLen
 from limits import RateLimitItem, parse_many
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
     Strict,
     ValidationInfo,
     field_serializer,
     field_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import PydanticCustomError, PydanticKnownError, core_schema
 
 from app.tenancy.origins import normalize_origins
 
@@ -41,16 +45,7 @@ Scope = Literal["execute", "admin"]
 MAX_INTEGER: Final = 2**53 - 1
 # "Longer than a year" is refused: a window nobody means, and TTLs Redis would refuse.
 _MAX_WINDOW_SECONDS: Final = 365 * 86_400
-# How stored tenants are read back (as they were written, before the bounds below existed).
-Cap = Annotated[int, Field(ge=-1)] | None
-PositiveOrNone = Annotated[int, Field(gt=0)] | None
-# What a client may send: JSON integers only (not "5", 5.0 or true), between the contract's
-# bounds, so nothing reaches Redis, orjson or Piston that they cannot hold.
 _Strict = Strict()
-InputCount = Annotated[int, _Strict, Field(ge=1, le=MAX_INTEGER)] | None
-InputTime = Annotated[int, _Strict, Field(ge=1, le=MAX_INTEGER)] | None
-InputMemory = Annotated[int, _Strict, Field(ge=-1, le=MAX_INTEGER)] | None
-InputBool = Annotated[bool, _Strict] | None
 # A window count as written ("1/0 second" is read by `limits` as one second).
 _WINDOW_COUNT = re.compile(r"(?:/|\bper\b)\s*(\d+)", re.IGNORECASE)
 
@@ -96,29 +91,106 @@ def _utc_iso(value: datetime | None) -> str | None:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# A tenant's fields are read by two kinds of model. A client's JSON goes into the strict ones,
+# `TenantCreate` and `TenantUpdate`: JSON integers only (not "5", 5.0 or true), a boolean only,
+# every bound and check below, so nothing reaches Redis, orjson or Piston that they cannot hold.
+# A stored tenant is read back by `Tenant` as it was written, some before those bounds existed
+# (a timeout cap of -1, say): the checks do not run there, and its own looser bounds apply.
+# Each field is declared once, in `_TenantFields`, with both kinds' bounds (`_Bounds`).
+
+
+def _from_client(config: Mapping[str, Any] | None) -> bool:
+    """True in the models a client's JSON is read into: the strict ones."""
+    return bool(config and config.get("strict"))
+
+
+_Bound = Ge | Gt | Le | MaxLen
+
+
+def _check_bound(bound: _Bound, value: Any) -> None:
+    """Pydantic's own error for the bound, as `Field(ge=..., ...)` would raise it."""
+    if isinstance(bound, Ge) and value < bound.ge:
+        raise PydanticKnownError("greater_than_equal", {"ge": bound.ge})
+    if isinstance(bound, Gt) and value <= bound.gt:
+        raise PydanticKnownError("greater_than", {"gt": bound.gt})
+    if isinstance(bound, Le) and value > bound.le:
+        raise PydanticKnownError("less_than_equal", {"le": bound.le})
+    if isinstance(bound, MaxLen) and len(value) > bound.max_length:
+        raise PydanticKnownError("string_too_long", {"max_length": bound.max_length})
+
+
+_JSON_SCHEMA_KEYS: Final[dict[type[_Bound], tuple[str, str]]] = {
+    Ge: ("minimum", "ge"),
+    Gt: ("exclusiveMinimum", "gt"),
+    Le: ("maximum", "le"),
+    MaxLen: ("maxLength", "max_length"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Bounds:
+    """A field's bounds: `client` on a client's JSON, `stored` on a stored tenant."""
+
+    client: tuple[_Bound, ...]
+    stored: tuple[_Bound, ...] = ()
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.with_info_after_validator_function(self._check, handler(source))
+
+    def _check(self, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            for bound in self.client if _from_client(info.config) else self.stored:
+                _check_bound(bound, value)
+        return value
+
+    def json_schema(self, *, client: bool) -> dict[str, Any]:
+        bounds = self.client if client else self.stored
+        return {key: getattr(b, attr) for b in bounds for key, attr in [_JSON_SCHEMA_KEYS[type(b)]]}
+
+
+def _bounds_in_schema(schema: dict[str, Any], model: type[Any]) -> None:
+    """Each field's bounds in the model's JSON schema, as that model checks them."""
+    client = _from_client(model.model_config)
+    for name, field in model.model_fields.items():
+        for bounds in field.metadata:
+            if isinstance(bounds, _Bounds):
+                prop = schema["properties"][name]
+                typed = next(p for p in prop.get("anyOf", [prop]) if p.get("type") != "null")
+                typed.update(bounds.json_schema(client=client))
+
+
+_FITS = Le(MAX_INTEGER)
+Count = Annotated[int | None, _Bounds(client=(Ge(1), _FITS), stored=(Gt(0),))]
+TimeCap = Annotated[int | None, _Bounds(client=(Ge(1), _FITS), stored=(Ge(-1),))]
+MemoryCap = Annotated[int | None, _Bounds(client=(Ge(-1), _FITS), stored=(Ge(-1),))]
+Name = Annotated[str | None, _Bounds(client=(MaxLen(200),))]
+
+
 class _TenantFields(BaseModel):
-    """Policy fields shared by create, update and the stored tenant."""
+    """A tenant's policy fields, each declared once; None means "the default applies"."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(json_schema_extra=_bounds_in_schema)
 
-    name: str | None = Field(default=None, max_length=200)
+    name: Name = None
     allowed_languages: list[str] | None = None
     rate_limit: str | None = None
-    max_concurrency: InputCount = None
-    daily_quota: InputCount = None
-    max_run_timeout: InputTime = None
-    max_compile_timeout: InputTime = None
-    max_run_cpu_time: InputTime = None
-    max_compile_cpu_time: InputTime = None
-    max_run_memory_limit: InputMemory = None
-    max_compile_memory_limit: InputMemory = None
-    cache: InputBool = None
+    max_concurrency: Count = None
+    daily_quota: Count = None
+    max_run_timeout: TimeCap = None
+    max_compile_timeout: TimeCap = None
+    max_run_cpu_time: TimeCap = None
+    max_compile_cpu_time: TimeCap = None
+    max_run_memory_limit: MemoryCap = None
+    max_compile_memory_limit: MemoryCap = None
+    cache: bool | None = None
 
     @field_validator("rate_limit")
     @classmethod
-    def _valid_rate_limit(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
+    def _valid_rate_limit(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or not _from_client(info.config):
+            return value
         try:
             check_rate_limit(value)
         except ValueError as exc:
@@ -127,25 +199,31 @@ class _TenantFields(BaseModel):
 
     @field_validator("name", "allowed_languages")
     @classmethod
-    def _no_nul(cls, value: str | list[str] | None) -> str | list[str] | None:
+    def _no_nul(cls, value: str | list[str] | None, info: ValidationInfo) -> str | list[str] | None:
         # A NUL ends a C string: a name or language that holds one is never what was meant.
         texts = [value] if isinstance(value, str) else value or []
-        if any("\x00" in text for text in texts):
+        if _from_client(info.config) and any("\x00" in text for text in texts):
             raise _invalid("must not contain a NUL character")
         return value
 
     @field_validator("allowed_languages")
     @classmethod
-    def _languages(cls, value: list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
+    def _languages(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if value is None or not _from_client(info.config):
+            return value
         cleaned = [item.strip().lower() for item in value if item.strip()]
         if not cleaned:
             raise _invalid("name at least one language, or '*' for all")
         return cleaned
 
 
-class TenantCreate(_TenantFields):
+class _ClientTenantFields(_TenantFields):
+    """The fields as a client sends them (see above): strict, checked, nothing else accepted."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class TenantCreate(_ClientTenantFields):
     id: str = Field(json_schema_extra={"pattern": TENANT_ID_PATTERN})
 
     @field_validator("id")
@@ -159,27 +237,22 @@ class TenantCreate(_TenantFields):
         return value
 
 
-class TenantUpdate(_TenantFields):
+class TenantUpdate(_ClientTenantFields):
     """PATCH body: only the fields sent are changed (`model_fields_set`)."""
 
 
-class Tenant(BaseModel):
+class _StoredId(BaseModel):
+    # A base of its own so that `id` comes first in a stored tenant, as it is shown.
+    id: str = Field(pattern=TENANT_ID_PATTERN)
+
+
+class Tenant(_TenantFields, _StoredId):
     """A stored tenant. None in a policy field means "the global default applies"."""
 
     model_config = ConfigDict(frozen=True)
 
-    id: str = Field(pattern=TENANT_ID_PATTERN)
-    name: str | None = None
+    # The two fields a stored tenant always has (None in a client's JSON means these defaults).
     allowed_languages: list[str] = Field(default_factory=lambda: ["*"])
-    rate_limit: str | None = None
-    max_concurrency: PositiveOrNone = None
-    daily_quota: PositiveOrNone = None
-    max_run_timeout: Cap = None
-    max_compile_timeout: Cap = None
-    max_run_cpu_time: Cap = None
-    max_compile_cpu_time: Cap = None
-    max_run_memory_limit: Cap = None
-    max_compile_memory_limit: Cap = None
     cache: bool = True
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
@@ -210,10 +283,13 @@ class ApiKey(BaseModel):
     def _ser_time(self, value: datetime | None) -> str | None:
         return _utc_iso(value)
 
-    def usable(self, now: datetime | None = None) -> bool:
+    def usable(self, now: float | None = None) -> bool:
+        """Neither revoked nor expired at `now` (epoch seconds; the real time by default)."""
         if self.revoked:
             return False
-        return self.expires_at is None or self.expires_at > (now or datetime.now(UTC))
+        if self.expires_at is None:
+            return True  # the common key: no time read at all
+        return self.expires_at.timestamp() > (time.time() if now is None else now)
 
 
 def check_browser_key_scopes(scopes: Iterable[str]) -> None:

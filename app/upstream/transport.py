@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import httptools
 import httpx
+
+from app.clock import SYSTEM_CLOCK, Clock
 
 __all__ = ["LeanTransport"]
 
@@ -67,8 +68,11 @@ class _Answer:
 class LeanTransport(httpx.AsyncBaseTransport):
     """Keep-alive HTTP/1.1 to one plain-http host:port."""
 
-    def __init__(self, host: str, port: int, *, max_idle: int = _MAX_IDLE) -> None:
+    def __init__(
+        self, host: str, port: int, *, max_idle: int = _MAX_IDLE, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self._host = host
+        self._monotonic = clock.monotonic  # how long a connection has idled (tests move it)
         self._port = port
         # An IPv6 literal goes in brackets in the Host header (RFC 9110 7.2), as in the URL.
         self._host_header = (f"[{host}]" if ":" in host else host).encode() + f":{port}".encode()
@@ -98,7 +102,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         to the reader, and connections idle longer than a server's usual keep-alive timeout
         (Node's default, Piston's, is 5 s) are not trusted at all.
         """
-        now = time.monotonic()
+        now = self._monotonic()
         while self._idle:
             reader, writer, idle_since = self._idle.pop()
             if reader.at_eof() or writer.is_closing() or now - idle_since > _MAX_IDLE_SECONDS:
@@ -187,7 +191,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
             and answer.reusable(parser.get_http_version())
             and len(self._idle) < self._max_idle
         ):
-            self._idle.append((reader, writer, time.monotonic()))
+            self._idle.append((reader, writer, self._monotonic()))
         else:
             writer.close()
         return httpx.Response(answer.status, headers=answer.headers, content=b"".join(answer.body))

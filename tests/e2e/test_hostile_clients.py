@@ -378,3 +378,48 @@ class TestConnectionCap:
             for sock in held:
                 sock.close()
             service.stop()
+
+
+class TestPipelining:
+    def test_pipelined_requests_are_answered_whole_and_in_order(
+        self, gateway: tuple[Service, str]
+    ) -> None:
+        # Answers are written once per loop iteration (app.server._CoalescingTransport): the
+        # answers to requests sent back to back on one connection must still come whole and in
+        # the order asked, a refused one among them.
+        service, key = gateway
+        body = b'{"language": "python", "version": "*", "files": [{"content": "print(5)"}]}'
+        ids = [f"pipe-{n}" for n in range(6)]
+        requests = b""
+        for n, request_id in enumerate(ids):
+            auth = f"Authorization: Bearer {key}\r\n" if n != 3 else ""
+            requests += (
+                f"POST /api/v2/execute HTTP/1.1\r\nHost: gw\r\nX-Request-ID: {request_id}\r\n"
+                f"{auth}Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode() + body
+        with connect(service) as sock:
+            sock.sendall(requests)
+            sock.settimeout(30)
+            data = b""
+            answers: list[tuple[str, int, bytes]] = []
+            while len(answers) < len(ids):
+                head_end = data.find(b"\r\n\r\n")
+                if head_end >= 0:
+                    head = data[:head_end].decode("latin-1").split("\r\n")
+                    headers = {
+                        name.strip().lower(): value.strip()
+                        for name, _, value in (line.partition(":") for line in head[1:])
+                    }
+                    end = head_end + 4 + int(headers["content-length"])
+                    if len(data) >= end:
+                        status = int(head[0].split()[1])
+                        answers.append((headers["x-request-id"], status, data[head_end + 4 : end]))
+                        data = data[end:]
+                        continue
+                chunk = sock.recv(65536)
+                assert chunk, f"closed after {len(answers)} answers"
+                data += chunk
+        assert [(request_id, status) for request_id, status, _ in answers] == [
+            (request_id, 401 if n == 3 else 200) for n, request_id in enumerate(ids)
+        ]
+        assert all(json.loads(answer) for _, _, answer in answers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -96,6 +97,69 @@ class TestUvicornLines:
         assert all("api_key=[redacted]" in line["event"] for line in found)
         assert all(line["request_id"] == request_id for line in found)
         assert secret not in service.log()
+
+
+class TestAccessLines:
+    """One line per request (written in batches, one write per loop iteration: none may be lost
+    or torn), with its fields, and none at all above the info level."""
+
+    async def test_one_whole_line_per_request_with_its_fields(
+        self, gateway: tuple[Service, str]
+    ) -> None:
+        service, key = gateway
+        body = {"language": "python", "version": "*", "files": [{"content": "print('log')"}]}
+        auth = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(base_url=service.url, timeout=60) as client:
+            await client.post("/api/v2/execute", json=body, headers=auth)  # the run: now hits
+            answers = await asyncio.gather(
+                *(
+                    client.post(
+                        "/api/v2/execute", json=body, headers={**auth, "X-Request-ID": f"acc-{i}"}
+                    )
+                    for i in range(200)
+                ),
+                client.get("/api/v2/runtimes", headers={"X-Request-ID": "acc-no-key"}),
+            )
+        assert [a.status_code for a in answers] == [200] * 200 + [401]
+        wait_for_line(service, "acc-no-key")
+        wait_for_line(service, "acc-199")
+        access = {
+            line["request_id"]: line
+            for line in lines(service)  # every line parses as JSON: none torn
+            if line.get("logger") == "app.access" and line["request_id"].startswith("acc-")
+        }
+        assert len(access) == 201
+        hit = access["acc-7"]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z", hit.pop("timestamp"))
+        assert isinstance(hit.pop("ms"), float)
+        assert hit == {
+            "event": "request",
+            "level": "info",
+            "logger": "app.access",
+            "request_id": "acc-7",
+            "method": "POST",
+            "path": "/api/v2/execute",
+            "route": "/api/v2/execute",
+            "status": 200,
+            "key_prefix": key[:12],
+        }
+        refused = access["acc-no-key"]
+        assert (refused["status"], refused["key_prefix"]) == (401, None)
+
+    def test_no_access_lines_above_info(self, redis_url: str, engine: Service) -> None:
+        service = start_gateway(
+            redis_url=redis_url,
+            piston_url=engine.url,
+            admin_key=E2E_ADMIN_KEY,
+            env={"GATEWAY_LOG_LEVEL": "warning"},
+        )
+        try:
+            for _ in range(5):
+                httpx.get(f"{service.url}/healthz", timeout=10)
+            httpx.get(f"{service.url}/healthz", headers={"X-Request-ID": "quiet"}, timeout=10)
+        finally:
+            service.stop()  # what is still held is written at exit: nothing can come later
+        assert not [line for line in lines(service) if line.get("logger") == "app.access"]
 
 
 class TestCliStderr:

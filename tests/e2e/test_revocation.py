@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 
@@ -61,6 +62,26 @@ def _seconds_until_refused(gateway: Service, key: str, limit: float) -> float:
     return time.monotonic() - started
 
 
+def _until_logged(gateway: Service, request_id: str, *, within: float = 5) -> None:
+    """Until the access line of request `request_id` is in the gateway's log: it is written
+    after the answer has gone, and it is the request's last line."""
+    deadline = time.monotonic() + within
+    while True:
+        for line in gateway.log().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # not JSON (the log scan reports those), or still being written
+            if (
+                isinstance(entry, dict)
+                and entry.get("event") == "request"
+                and (entry.get("request_id") == request_id)
+            ):
+                return
+        assert time.monotonic() < deadline, f"request {request_id} not logged in {within}s"
+        time.sleep(0.02)
+
+
 class TestRevocationAcrossReplicas:
     def test_revoked_on_one_refused_by_the_other(self, replicas: tuple[Service, Service]) -> None:
         first, second = replicas
@@ -108,9 +129,11 @@ class TestLogs:
                 httpx.get(f"{gateway.url}/api/v2/runtimes", headers=headers)
                 httpx.get(f"{gateway.url}/admin/tenants", headers=headers)
             httpx.get(f"{gateway.url}/admin/tenants/logs-e2e/keys", headers=ADMIN)
-        httpx.delete(f"{first.url}/admin/keys/{minted['id']}", headers=ADMIN)
-        httpx.get(f"{second.url}/api/v2/runtimes", headers={"X-API-Key": key})
-        time.sleep(0.3)  # let the last lines reach the log files
+        last = {"X-Request-ID": "logs-e2e-last"}
+        httpx.delete(f"{first.url}/admin/keys/{minted['id']}", headers={**ADMIN, **last})
+        httpx.get(f"{second.url}/api/v2/runtimes", headers={"X-API-Key": key, **last})
+        for gateway in replicas:  # the last lines have reached the log files
+            _until_logged(gateway, "logs-e2e-last")
         logs = first.log() + second.log()
         assert minted["prefix"] in logs  # requests were logged, by prefix
         for secret in (key, key[12:], unknown, unknown[12:], ADMIN_KEY, ADMIN_KEY[12:]):

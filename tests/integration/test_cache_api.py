@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
+from app.redis import CACHE
 from tests.conftest import Gateway, GatewayFactory
+from tests.support import until_expired
 
 RANDOM = {
     "language": "python",
@@ -99,7 +101,10 @@ class TestCacheControl:
         key = await gateway.tenant()
         await gateway.execute(key, RANDOM)
         assert (await gateway.execute(key, RANDOM)).headers["x-cache"] == "HIT"
-        await asyncio.sleep(1.5)
+        redis = gateway.state.redis
+        [entry] = [name async for name in redis.scan_iter(match=f"{CACHE}*")]
+        assert 0 < await redis.pttl(entry) <= 1_000  # the TTL the gateway was given
+        await until_expired(redis, entry, within=5)
         assert (await gateway.execute(key, RANDOM)).headers["x-cache"] == "MISS"
 
 

@@ -14,7 +14,7 @@ from app.limits.failures import AUTH_FAILURE_PREFIX
 from app.metrics import Metrics
 from app.redis import open_redis
 from app.settings import Settings
-from tests.support import RedisServer
+from tests.support import MovableClock, RedisServer
 
 
 def _address() -> str:
@@ -91,6 +91,30 @@ async def test_keys_live_under_the_rate_limit_prefix(
 async def test_in_process_storage() -> None:
     limiter = AuthFailureLimiter(settings=Settings(auth_failure_rate_limit="2/minute"))
     address = "198.51.100.7"
+    await limiter.failed(address)
+    limiter.check(address)
+    await limiter.failed(address)
+    with pytest.raises(TooManyRequests):
+        limiter.check(address)
+    await limiter.close()
+
+
+@pytest.mark.parametrize("strategy", ["fixed-window", "moving-window"])
+async def test_in_process_block_ends_with_its_window(strategy: str) -> None:
+    clock = MovableClock()
+    settings = Settings(auth_failure_rate_limit="2/minute", rate_limit_strategy=strategy)
+    limiter = AuthFailureLimiter(settings=settings, clock=clock)
+    address = "198.51.100.8"
+    await limiter.failed(address)
+    await limiter.failed(address)
+    with pytest.raises(TooManyRequests) as info:
+        limiter.check(address)
+    assert info.value.headers["Retry-After"] == "60"
+    clock.advance(59)
+    with pytest.raises(TooManyRequests):
+        limiter.check(address)
+    clock.advance(1.5)  # the minute is over: the address may try again, and is counted afresh
+    limiter.check(address)
     await limiter.failed(address)
     limiter.check(address)
     await limiter.failed(address)

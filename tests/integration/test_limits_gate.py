@@ -15,12 +15,12 @@ from redis.asyncio import Redis
 from app.cache.store import RedisCacheStore
 from app.errors import TooManyRequests
 from app.limits import Admission, RedisGate
-from app.limits.gate import Strategy
+from app.limits.gate import Strategy, windows_for
 from app.metrics import Metrics
-from app.redis import CACHE, CONCURRENCY, QUOTA
+from app.redis import CACHE, CONCURRENCY, QUOTA, rate_limit_window
 from app.redis_outage import RedisOutage
 from app.tenancy.models import Tenant
-from tests.support import RedisServer
+from tests.support import MovableClock, RedisServer, until_expired
 
 
 def _client(url: str) -> Redis:
@@ -120,7 +120,8 @@ class TestExactness:
     @pytest.mark.parametrize("strategy", ["fixed-window", "moving-window"])
     async def test_several_windows(self, redis: Redis, strategy: Strategy) -> None:
         who = tenant(rate_limit="3/second;5/minute")
-        g = gate(redis, strategy)
+        clock = MovableClock()
+        g = gate(redis, strategy, clock=clock)
         admitted, refused = await admit_all([g], who, 6)
         assert len(admitted) == 3
         assert {e.message for e in refused} == {"rate limit exceeded: 3 per 1 second"}
@@ -131,7 +132,13 @@ class TestExactness:
         assert last.headers["X-RateLimit-Limit"] == "3"
         assert last.headers["RateLimit"].startswith('"1second";r=0;')
 
-        await asyncio.sleep(1.2)  # the one-second window rolls over
+        # The one-second window rolls over: a fixed window when its key expires in Redis, a
+        # moving one when its entries are older than a second.
+        if strategy == "fixed-window":
+            second = windows_for(who.rate_limit or "", strategy)[0]
+            await until_expired(redis, rate_limit_window(second.key(who.id)), within=5)
+        else:
+            clock.advance(1.2)
         # The refusals consumed nothing: the minute window still has 2 of 5.
         admitted, refused = await admit_all([g], who, 4)
         assert len(admitted) == 2
@@ -143,13 +150,14 @@ class TestExactness:
 
     async def test_moving_window_slides(self, redis: Redis) -> None:
         who = tenant(rate_limit="2/second")
-        g = gate(redis, "moving-window")
+        clock = MovableClock()
+        g = gate(redis, "moving-window", clock=clock)
         await g.admit(who, cache_key=None)
-        await asyncio.sleep(0.6)
+        clock.advance(0.6)
         await g.admit(who, cache_key=None)
         with pytest.raises(TooManyRequests):
             await g.admit(who, cache_key=None)
-        await asyncio.sleep(0.55)  # the first entry left the window, the second is still in it
+        clock.advance(0.55)  # the first entry left the window, the second is still in it
         await g.admit(who, cache_key=None)
         with pytest.raises(TooManyRequests):
             await g.admit(who, cache_key=None)
@@ -232,13 +240,14 @@ class TestConcurrency:
 
     async def test_expired_lease_of_a_dead_replica_is_pruned(self, redis: Redis) -> None:
         who = tenant(rate_limit="100/minute", max_concurrency=2)
-        dead = gate(redis)  # a replica that takes leases and dies before finishing
-        await dead.admit(who, cache_key=None, lease_ttl_ms=100)
-        await dead.admit(who, cache_key=None, lease_ttl_ms=100)
-        alive = gate(redis)
+        clock = MovableClock()  # the replicas' shared clock (Redis's, in production)
+        dead = gate(redis, clock=clock)  # a replica that takes leases and dies before finishing
+        await dead.admit(who, cache_key=None, lease_ttl_ms=30_000)
+        await dead.admit(who, cache_key=None, lease_ttl_ms=30_000)
+        alive = gate(redis, clock=clock)
         with pytest.raises(TooManyRequests):
             await alive.admit(who, cache_key=None)
-        await asyncio.sleep(0.25)
+        clock.advance(30.25)  # the leases' expiry passed; their zset outlives them in Redis
         admission = await alive.admit(who, cache_key=None)
         assert admission.lease is not None
         assert await redis.zcard(f"{CONCURRENCY}{who.id}") == 1

@@ -19,7 +19,7 @@ from app.tenancy.authenticator import ADMIN_TENANT_ID, Authenticator
 from app.tenancy.keys import hash_key
 from app.tenancy.models import ApiKey, Principal, Tenant, TenantCreate, TenantUpdate
 from app.tenancy.store import MemoryTenantStore, RedisTenantStore
-from tests.support import RedisServer, free_port
+from tests.support import MovableClock, RedisServer, free_port
 
 ADMIN_KEY = "bootstrap-admin-secret"
 
@@ -65,6 +65,16 @@ async def authenticator(store: CountingStore, redis: Redis) -> AsyncIterator[Aut
     authenticator = await _authenticator(store, redis)
     yield authenticator
     await authenticator.close()
+
+
+async def _until_resubscribed(redis: Redis, seconds: float) -> None:
+    """Until the invalidation channel has a subscriber again (after its connection was killed)."""
+    async with asyncio.timeout(seconds):
+        while True:
+            [(_, subscribers)] = await redis.pubsub_numsub(redis_keys.CHANNEL_INVALIDATE)
+            if subscribers:
+                return
+            await asyncio.sleep(0.02)
 
 
 async def _refused_within(authenticator: Authenticator, key: str, seconds: float) -> float:
@@ -116,14 +126,21 @@ class TestLookup:
         _, secret = await store.create_key("acme", expires_at=past)
         assert await authenticator.principal_for(secret) is None
 
-    async def test_expiry_checked_on_every_use(
-        self, store: CountingStore, authenticator: Authenticator
-    ) -> None:
-        soon = datetime.now(UTC) + timedelta(milliseconds=600)
-        _, secret = await store.create_key("acme", expires_at=soon)
-        assert await authenticator.principal_for(secret) is not None
-        await asyncio.sleep(0.7)
-        assert await authenticator.principal_for(secret) is None
+    async def test_expiry_checked_on_every_use(self, store: CountingStore, redis: Redis) -> None:
+        clock = MovableClock()
+        authenticator = await _authenticator(store, redis, clock=clock)
+        try:
+            soon = datetime.fromtimestamp(clock.wall(), UTC) + timedelta(milliseconds=600)
+            _, secret = await store.create_key("acme", expires_at=soon)
+            assert await authenticator.principal_for(secret) is not None
+            clock.advance(0.5)
+            assert await authenticator.principal_for(secret) is not None  # served from the cache
+            assert store.lookups == 1
+            clock.advance(0.2)  # past its expiry: refused, though the entry is still fresh
+            assert await authenticator.principal_for(secret) is None
+            assert store.lookups == 1
+        finally:
+            await authenticator.close()
 
     async def test_key_of_deleted_tenant(
         self, store: CountingStore, authenticator: Authenticator
@@ -195,15 +212,19 @@ class TestCache:
 
     async def test_short_ttl_while_channel_is_down(self, store: CountingStore) -> None:
         # The store works but the invalidation channel can't connect: entries live only 1 s.
+        clock = MovableClock()
         dead = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.2)
-        authenticator = Authenticator(store, admin_key=None, redis=dead, cache_seconds=30)
+        authenticator = Authenticator(
+            store, admin_key=None, redis=dead, cache_seconds=30, clock=clock
+        )
         await authenticator.start()
         try:
             key, secret = await store.create_key("acme")
             assert await authenticator.principal_for(secret) is not None
             assert not authenticator.listening
             await store.revoke_key(key.id)
-            assert await _refused_within(authenticator, secret, 2) <= 1.5
+            clock.advance(1.5)  # within the contract's 2 s, with no invalidation heard
+            assert await authenticator.principal_for(secret) is None
         finally:
             await authenticator.close()
             await dead.aclose()
@@ -212,7 +233,7 @@ class TestCache:
         self, redis: Redis, store: CountingStore, authenticator: Authenticator
     ) -> None:
         await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
-        await asyncio.sleep(0.1)
+        await _until_resubscribed(redis, 5)
         await _until_listening(authenticator, 5)
         key, secret = await store.create_key("acme")
         assert await authenticator.principal_for(secret) is not None
@@ -302,12 +323,15 @@ class TestRedisOutage:
         await store.create_tenant(TenantCreate(id="acme"))
         _, verified = await store.create_key("acme")
         _, unseen = await store.create_key("acme")
-        # A key cache of 0.05 s: past it, only the outage grace keeps the key working.
-        authenticator = await _authenticator(store, client, cache_seconds=0.05, outage_seconds=60)
+        # Past the key cache's 30 s, only the outage grace keeps the key working.
+        clock = MovableClock()
+        authenticator = await _authenticator(
+            store, client, cache_seconds=30, outage_seconds=60, clock=clock
+        )
         try:
             assert await authenticator.principal_for(verified) is not None
             server.stop()
-            await asyncio.sleep(0.1)  # the cached entry is no longer fresh
+            clock.advance(31)  # the cached entry is no longer fresh
             for _ in range(3):
                 principal = await authenticator.principal_for(verified)
                 assert principal is not None
@@ -323,11 +347,16 @@ class TestRedisOutage:
         server, client, store = down
         await store.create_tenant(TenantCreate(id="acme"))
         _, verified = await store.create_key("acme")
-        authenticator = await _authenticator(store, client, cache_seconds=0.05, outage_seconds=0.3)
+        clock = MovableClock()
+        authenticator = await _authenticator(
+            store, client, cache_seconds=30, outage_seconds=60, clock=clock
+        )
         try:
             assert await authenticator.principal_for(verified) is not None
             server.stop()
-            await asyncio.sleep(0.4)  # past the grace: it cannot be checked any more
+            clock.advance(59)  # within the grace: served
+            assert await authenticator.principal_for(verified) is not None
+            clock.advance(1)  # past the grace: it cannot be checked any more
             with pytest.raises(ServiceUnavailable):
                 await authenticator.principal_for(verified)
         finally:
@@ -339,7 +368,10 @@ class TestRedisOutage:
         server, client, store = down
         await store.create_tenant(TenantCreate(id="acme"))
         key, secret = await store.create_key("acme")
-        authenticator = await _authenticator(store, client, cache_seconds=0.05, outage_seconds=60)
+        clock = MovableClock()
+        authenticator = await _authenticator(
+            store, client, cache_seconds=30, outage_seconds=60, clock=clock
+        )
         try:
             assert await authenticator.principal_for(secret) is not None
             # Revoked behind the authenticator's back (no invalidation reaches it).
@@ -347,7 +379,7 @@ class TestRedisOutage:
             assert raw is not None
             revoked = {**key.model_dump(mode="json"), "hash": key.hash, "revoked": True}
             await client.set(redis_keys.KEY + key.hash, json.dumps(revoked))
-            await asyncio.sleep(0.1)
+            clock.advance(31)  # the cached entry is no longer fresh
             assert await authenticator.principal_for(secret) is None  # re-read: revoked
             server.stop()
             with pytest.raises(ServiceUnavailable):

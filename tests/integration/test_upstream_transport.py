@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import httpx
 import pytest
 
-from app.upstream.transport import LeanTransport
-from tests.support import free_port
+from app.clock import SYSTEM_CLOCK, Clock
+from app.upstream.transport import _MAX_IDLE_SECONDS, LeanTransport
+from tests.support import MovableClock, free_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-Serve = Callable[[Handler], Awaitable[tuple["Server", LeanTransport]]]
+Serve = Callable[..., Awaitable[tuple["Server", LeanTransport]]]
 
 
 async def _read_request(reader: asyncio.StreamReader) -> bytes:
@@ -45,11 +46,11 @@ async def serve() -> AsyncIterator[Serve]:
     servers: list[asyncio.Server] = []
     transports: list[LeanTransport] = []
 
-    async def start(handler: Handler) -> tuple[Server, LeanTransport]:
+    async def start(handler: Handler, clock: Clock = SYSTEM_CLOCK) -> tuple[Server, LeanTransport]:
         server = Server(handler)
         port = free_port()
         servers.append(await asyncio.start_server(server._serve, "127.0.0.1", port))
-        transport = LeanTransport("127.0.0.1", port)
+        transport = LeanTransport("127.0.0.1", port, clock=clock)
         transports.append(transport)
         return server, transport
 
@@ -189,21 +190,19 @@ async def test_a_request_the_server_dropped_is_not_sent_again(serve: Serve) -> N
     assert server.connections == 1
 
 
-async def test_long_idle_connections_are_not_trusted(
-    serve: Serve, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import app.upstream.transport as transport_module
-
-    monkeypatch.setattr(transport_module, "_MAX_IDLE_SECONDS", 0.05)
-
+async def test_long_idle_connections_are_not_trusted(serve: Serve) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             await _read_request(reader)
             writer.write(OK)
 
-    server, transport = await serve(handler)
+    clock = MovableClock()
+    server, transport = await serve(handler, clock)
     await transport.handle_async_request(_request())
-    await asyncio.sleep(0.1)
+    clock.advance(_MAX_IDLE_SECONDS)  # idle as long as may be trusted: reused
+    await transport.handle_async_request(_request())
+    assert server.connections == 1
+    clock.advance(_MAX_IDLE_SECONDS + 0.1)  # idle longer: a server may be closing it now
     await transport.handle_async_request(_request())
     assert server.connections == 2
 

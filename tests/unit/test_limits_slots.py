@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -20,6 +21,17 @@ def _overloads(metrics: Metrics) -> float:
     return float(metrics.rejected.labels(reason="overload")._value.get())
 
 
+async def _until(condition: Callable[[], bool]) -> None:
+    """Until the tasks started have got where `condition` says (one loop turn at a time)."""
+    async with asyncio.timeout(5):
+        while not condition():  # noqa: ASYNC110  # the slots' state: no event to await
+            await asyncio.sleep(0)
+
+
+def _waiting(slots: UpstreamSlots, count: int) -> Callable[[], bool]:
+    return lambda: slots.waiting == count
+
+
 async def _hold(slots: UpstreamSlots, release: asyncio.Event, entered: list[int], n: int) -> None:
     async with slots.acquire():
         entered.append(n)
@@ -32,7 +44,7 @@ async def test_waits_in_queue_then_runs() -> None:
     release = asyncio.Event()
     entered: list[int] = []
     holders = [asyncio.create_task(_hold(slots, release, entered, n)) for n in range(3)]
-    await asyncio.sleep(0.01)
+    await _until(lambda: slots.in_flight + slots.waiting == 3)
     assert entered == [0, 1]  # the third waits
     assert (slots.in_flight, slots.waiting) == (2, 1)
     assert _gauge(metrics) == 2
@@ -57,7 +69,7 @@ async def test_queue_timeout() -> None:
     slots = UpstreamSlots(1, max_queue=5, queue_timeout_ms=50, metrics=metrics)
     release = asyncio.Event()
     holder = asyncio.create_task(_hold(slots, release, [], 0))
-    await asyncio.sleep(0.01)
+    await _until(lambda: slots.in_flight == 1)
     with pytest.raises(ServiceUnavailable):
         async with slots.acquire():
             pass
@@ -73,7 +85,7 @@ async def test_no_queue_refuses_at_once() -> None:
     slots = UpstreamSlots(1, max_queue=0, queue_timeout_ms=10_000)
     release = asyncio.Event()
     holder = asyncio.create_task(_hold(slots, release, [], 0))
-    await asyncio.sleep(0.01)
+    await _until(lambda: slots.in_flight == 1)
     with pytest.raises(ServiceUnavailable):
         async with slots.acquire():
             pass
@@ -85,9 +97,9 @@ async def test_cancelled_waiter_and_failing_body_leak_nothing() -> None:
     slots = UpstreamSlots(1, max_queue=2, queue_timeout_ms=5_000)
     release = asyncio.Event()
     holder = asyncio.create_task(_hold(slots, release, [], 0))
-    await asyncio.sleep(0.01)
+    await _until(lambda: slots.in_flight == 1)
     waiter = asyncio.create_task(_hold(slots, asyncio.Event(), [], 1))
-    await asyncio.sleep(0.01)
+    await _until(lambda: slots.waiting == 1)
     waiter.cancel()  # a client that went away while queued
     await asyncio.gather(waiter, return_exceptions=True)
     release.set()
@@ -105,7 +117,7 @@ async def test_first_come_first_served() -> None:
     release = asyncio.Event()
     order: list[int] = []
     holder = asyncio.create_task(_hold(slots, release, order, 0))
-    await asyncio.sleep(0.01)
+    await _until(lambda: slots.in_flight == 1)
 
     async def quick(n: int) -> None:
         async with slots.acquire():
@@ -114,7 +126,7 @@ async def test_first_come_first_served() -> None:
     waiters = []
     for n in range(1, 6):
         waiters.append(asyncio.create_task(quick(n)))
-        await asyncio.sleep(0)  # let each one queue before the next
+        await _until(_waiting(slots, n))  # each one queued before the next
     release.set()
     await asyncio.gather(holder, *waiters)
     assert order == [0, 1, 2, 3, 4, 5]
@@ -145,7 +157,7 @@ async def test_reserve_counts_places_from_entry() -> None:
             await release.wait()
 
     holders = [asyncio.create_task(run(first, 0)), asyncio.create_task(run(second, 1))]
-    await asyncio.sleep(0.01)
+    await _until(lambda: slots.in_flight + slots.waiting == 2)
     assert (slots.in_flight, slots.waiting, slots.reserved) == (1, 1, 0)
     with pytest.raises(ServiceUnavailable):
         slots.reserve()
