@@ -42,6 +42,7 @@ __all__ = [
     "counted_windows",
     "day_end",
     "lease_ids",
+    "policy_header",
     "rate_limit_headers",
     "refusal",
     "refuse",
@@ -238,10 +239,23 @@ class PolicyState:
     reset: float  # epoch seconds
 
 
-def rate_limit_headers(states: Sequence[PolicyState], now: float) -> dict[str, str]:
+def policy_header(states: Sequence[PolicyState]) -> str:
+    """`RateLimit-Policy`: every policy, as it stands whatever the counts (so it can be built
+    once per tenant)."""
+    return ", ".join(f'"{s.name}";q={s.quota};w={s.window_seconds}' for s in states)
+
+
+def _closeness(state: PolicyState) -> tuple[int, float]:
+    return state.remaining, -state.reset
+
+
+def rate_limit_headers(
+    states: Sequence[PolicyState], now: float, *, policy: str | None = None
+) -> dict[str, str]:
+    """The rate-limit headers of an answer; `policy`: `policy_header(states)`, if known."""
     if not states:
         return {}
-    closest = min(states, key=lambda s: (s.remaining, -s.reset))
+    closest = states[0] if len(states) == 1 else min(states, key=_closeness)
     remaining = max(0, closest.remaining)
     # Never more than the window: the in-process storage rounds its expiry up a second.
     seconds_left = max(0, min(closest.window_seconds, math.ceil(closest.reset - now)))
@@ -249,9 +263,7 @@ def rate_limit_headers(states: Sequence[PolicyState], now: float) -> dict[str, s
         "X-RateLimit-Limit": str(closest.quota),
         "X-RateLimit-Remaining": str(remaining),
         "X-RateLimit-Reset": str(math.ceil(closest.reset)),
-        "RateLimit-Policy": ", ".join(
-            f'"{s.name}";q={s.quota};w={s.window_seconds}' for s in states
-        ),
+        "RateLimit-Policy": policy if policy is not None else policy_header(states),
         "RateLimit": f'"{closest.name}";r={remaining};t={seconds_left}',
     }
 

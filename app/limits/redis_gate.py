@@ -24,9 +24,12 @@ trips before its answer. `app.cache.store` owns every other read and write of th
 from __future__ import annotations
 
 import asyncio
+import itertools
+import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final, Protocol
 
 import structlog
@@ -43,8 +46,10 @@ from app.limits.gate import (
     PolicyState,
     Refusal,
     Strategy,
+    Window,
     counted_windows,
     day_end,
+    policy_header,
     quota_state,
     rate_limit_headers,
     refuse,
@@ -52,6 +57,7 @@ from app.limits.gate import (
     usage_row,
     utc_day,
 )
+from app.memo import IdentityMemo
 from app.metrics import Metrics
 from app.redis_outage import (
     OUTAGE_ERRORS,
@@ -270,6 +276,27 @@ return 1
 _QUOTA_GRACE_SECONDS: Final = 3_600
 
 
+def _bounded(script: _ScriptCall, deadline_s: float) -> _ScriptCall:
+    async def call(keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
+        async with asyncio.timeout(deadline_s):
+            return await script(keys=keys, args=args)
+
+    return call
+
+
+@dataclass(frozen=True, slots=True)
+class _FixedPart:
+    """The parts of a tenant's admit call that are the same for each of its requests that day."""
+
+    windows: tuple[Window, ...]
+    keys: tuple[str, ...]  # KEYS[2..]: quota, leases, usage, then one per window
+    window_args: tuple[int, ...]  # per window: amount, length (s)
+    moving: int
+    quota: int
+    max_concurrency: int
+    policy: str  # RateLimit-Policy
+
+
 class RedisGate:
     """The gate for a deployment with Redis (any number of replicas and workers)."""
 
@@ -300,9 +327,24 @@ class RedisGate:
         # script and runs it again, so recovery needs no restart of ours. The two calls of every
         # request go through `scripts` when given: the hot path's pipelined client, a fifth of
         # redis-py's cost per call (bench/redis_floors.py); redis-py serves the rest.
-        runner: Redis | PipelinedRedis = scripts if scripts is not None else redis
-        self._admit: _ScriptCall = runner.register_script(ADMIT_SCRIPT)
-        self._finish: _ScriptCall = runner.register_script(FINISH_SCRIPT)
+        # Each call is bounded by the deadline: the pipelined client keeps a bound per call
+        # itself (no timer, no coroutine); redis-py's call is wrapped in a timeout.
+        self._admit: _ScriptCall
+        self._finish: _ScriptCall
+        if scripts is not None:
+            self._admit = partial(scripts.register_script(ADMIT_SCRIPT), timeout=deadline_s)
+            self._finish = partial(scripts.register_script(FINISH_SCRIPT), timeout=deadline_s)
+        else:
+            self._admit = _bounded(redis.register_script(ADMIT_SCRIPT), deadline_s)
+            self._finish = _bounded(redis.register_script(FINISH_SCRIPT), deadline_s)
+        # What every admit of a tenant sends but for the request's own parts, once per tenant
+        # object and day (app.memo): its keys, windows and policy header.
+        self._fixed: IdentityMemo[_FixedPart] = IdentityMemo(self._fixed_part)
+        self._day, self._day_start, self._day_end = "", 0.0, 0.0
+        # Lease and lock tokens: unique across replicas (a random prefix per gate) and within
+        # the process (a counter), without a uuid4 per request.
+        self._token_prefix = secrets.token_hex(8) + "-"
+        self._tokens = itertools.count(1)
         # On its own (tests), an outage state of its own; the app passes the process's one.
         self._outage = outage if outage is not None else RedisOutage(redis)
 
@@ -324,41 +366,40 @@ class RedisGate:
         allow the request, and an admitted one takes from all of them. With `flight`, a miss
         admitted claims that single-flight lock in the same call (`Admission.flight_lock`).
         """
-        now = time.time()
-        day = utc_day(now)
-        windows = counted_windows(
-            tenant.rate_limit or self._default_rate_limit, client, self._strategy
-        )
-        quota = tenant.daily_quota or 0
-        token = uuid.uuid4().hex
-        keys = [
-            cache_key or "",
-            redis_keys.quota_counter(tenant.id, day),
-            redis_keys.concurrency_leases(tenant.id),
-            redis_keys.usage_hash(tenant.id, day),
-            *(redis_keys.rate_limit_window(w.key(tenant.id)) for w in windows),
-            flight or "",
-        ]
+        now = time.time() if self._clock is None else self._clock.wall()
+        day, day_end_s = self._today(now)
+        fixed = self._fixed(tenant, day)
+        windows = fixed.windows
+        keys = [cache_key or "", *fixed.keys, flight or ""]
+        token = f"{self._token_prefix}{next(self._tokens)}"
         args: list[int | str] = [
             1 if cache_key else 0,
-            1 if self._strategy == "moving-window" else 0,
-            quota,
-            int(day_end(day).timestamp() - now) + _QUOTA_GRACE_SECONDS,
-            tenant.max_concurrency or 0,
+            fixed.moving,
+            fixed.quota,
+            int(day_end_s - now) + _QUOTA_GRACE_SECONDS,
+            fixed.max_concurrency,
             token,
             max(1, lease_ttl_ms),
             USAGE_TTL_SECONDS,
+            *fixed.window_args,
         ]
-        for w in windows:
-            args += (w.amount, w.seconds)
+        policy: str | None = fixed.policy
+        if client is not None:  # a browser key's per-visitor windows: more of the same
+            windows = counted_windows(
+                tenant.rate_limit or self._default_rate_limit, client, self._strategy
+            )
+            ours = windows[len(fixed.windows) :]
+            keys[-1:-1] = [redis_keys.rate_limit_window(w.key(tenant.id)) for w in ours]
+            for w in ours:
+                args += (w.amount, w.seconds)
+            policy = None
+        args += (max(1, cost), max(1, leases), max(1, flight_lease_ms) if flight else 0)
         # Last, a test clock's now (ms), or "": the script reads Redis's TIME.
-        now_ms = "" if self._clock is None else int(self._clock.wall() * 1000)
-        args += (max(1, cost), max(1, leases), max(1, flight_lease_ms) if flight else 0, now_ms)
+        args.append("" if self._clock is None else int(now * 1000))
         if self._outage.active:
             return self._unavailable(tenant.id, day)
         try:
-            async with asyncio.timeout(self._deadline_s):
-                reply = await self._admit(keys=keys, args=args)
+            reply = await self._admit(keys=keys, args=args)
         except OUTAGE_ERRORS as exc:
             self._outage.failed(exc, by="rate_limits")
             return self._unavailable(tenant.id, day)
@@ -373,9 +414,10 @@ class RedisGate:
             PolicyState(w.name, w.amount, w.seconds, w.amount - count, reset_ms / 1000)
             for w, count, reset_ms in zip(windows, counts, resets, strict=True)
         ]
+        quota = fixed.quota
         if quota:
             states.append(quota_state(quota, quota_used, day))
-        headers = rate_limit_headers(states, redis_now)
+        headers = rate_limit_headers(states, redis_now, policy=policy)
 
         if outcome != _ADMITTED:
             counted = Counted(
@@ -402,6 +444,38 @@ class RedisGate:
             leases=max(1, int(granted)),
             flight_lock=flight if reply[5 + 2 * n] else None,
             token=token,
+        )
+
+    def _today(self, now: float) -> tuple[str, float]:
+        """The UTC day of `now` and when it ends (epoch s), worked out once a day."""
+        if not self._day_start <= now < self._day_end:
+            day = utc_day(now)
+            self._day_end = day_end(day).timestamp()
+            self._day_start = self._day_end - 86_400
+            self._day = day
+        return self._day, self._day_end
+
+    def _fixed_part(self, tenant: Tenant, day: str) -> _FixedPart:
+        windows = counted_windows(
+            tenant.rate_limit or self._default_rate_limit, None, self._strategy
+        )
+        quota = tenant.daily_quota or 0
+        states = [PolicyState(w.name, w.amount, w.seconds, 0, 0.0) for w in windows]
+        if quota:
+            states.append(quota_state(quota, 0, day))
+        return _FixedPart(
+            windows=windows,
+            keys=(
+                redis_keys.quota_counter(tenant.id, day),
+                redis_keys.concurrency_leases(tenant.id),
+                redis_keys.usage_hash(tenant.id, day),
+                *(redis_keys.rate_limit_window(w.key(tenant.id)) for w in windows),
+            ),
+            window_args=tuple(arg for w in windows for arg in (w.amount, w.seconds)),
+            moving=1 if self._strategy == "moving-window" else 0,
+            quota=quota,
+            max_concurrency=tenant.max_concurrency or 0,
+            policy=policy_header(states),
         )
 
     def _unavailable(self, tenant_id: str, day: str) -> Admission:
@@ -459,10 +533,9 @@ class RedisGate:
                 store[1] if store else b"",
             )
         try:
-            async with asyncio.timeout(self._deadline_s):
-                # One script call: a redis-py pipeline of the same commands cost three times
-                # the client CPU (bench/, cProfile).
-                await self._finish(keys=keys, args=args)
+            # One script call: a redis-py pipeline of the same commands cost three times the
+            # client CPU (bench/, cProfile).
+            await self._finish(keys=keys, args=args)
         except OUTAGE_ERRORS as exc:
             # The answer is already decided; an uncounted run, an unreleased lease or lock, an
             # answer not stored (they expire, or are run again) must not turn it into an error.
