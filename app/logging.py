@@ -93,8 +93,11 @@ class _BatchedLines:
         self._scheduled = False
         held, self._held = self._held, []
         if held:
-            self._write(b"\n".join(held) + b"\n")
-            self._flush()
+            try:
+                self._write(b"\n".join(held) + b"\n")
+                self._flush()
+            except (OSError, ValueError):  # the stream is gone (closed at exit): nowhere to log
+                pass
 
 
 class AccessLog:

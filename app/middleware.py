@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -31,9 +31,11 @@ from app.metrics import Metrics
 __all__ = [
     "BodyRefused",
     "LiveOriginsCORSMiddleware",
+    "RawResponse",
     "RequestContextMiddleware",
     "UnexpectedErrorMiddleware",
     "json_response",
+    "raw_headers",
     "read_json_body",
 ]
 
@@ -49,6 +51,31 @@ def json_response(
         headers=headers,
         media_type="application/json",
     )
+
+
+class RawResponse(Response):
+    """A Response given its headers as the list uvicorn writes (lower-case name, value bytes),
+    built in one pass: the hot path's answer skips Starlette's header normalisation."""
+
+    def __init__(self, body: bytes, status_code: int, raw_headers: list[tuple[bytes, bytes]]):
+        self.body = body
+        self.status_code = status_code
+        self.background = None
+        self.raw_headers = raw_headers
+
+
+_RAW_NAMES: dict[str, bytes] = {}
+
+
+def raw_headers(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    """`headers` as raw header lines, names lower-cased (each name encoded once per process)."""
+    raw = []
+    for name, value in headers.items():
+        encoded = _RAW_NAMES.get(name)
+        if encoded is None:
+            encoded = _RAW_NAMES.setdefault(name, name.lower().encode("latin-1"))
+        raw.append((encoded, value.encode("latin-1")))
+    return raw
 
 
 async def read_json_body(request: Request, max_bytes: int) -> Any:
@@ -180,6 +207,10 @@ class RequestContextMiddleware:
         except ClientDisconnect:
             if not response_started:
                 status = _CLIENT_CLOSED  # nobody to answer; not an error of ours
+        except asyncio.CancelledError:
+            if not response_started:
+                status = _CLIENT_CLOSED  # cancelled (the server stopping): nobody was answered
+            raise
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"

@@ -35,6 +35,7 @@ from app.cache.keys import CacheMode, cache_digest, cache_key, cache_mode
 from app.errors import BadRequest, GatewayError
 from app.limits.gate import Admission, ClientLimit
 from app.limits.slots import Reservation
+from app.middleware import RawResponse, raw_headers
 from app.policy import effective_caps, effective_request
 from app.protocol.errors import InvalidRequest
 from app.protocol.resolve import Runtime
@@ -54,6 +55,7 @@ _PISTON_DEFAULT_MS: Final = {"compile_timeout": 10_000, "run_timeout": 3_000}
 _LEASE_SLACK_MS: Final = 5_000
 
 CacheOutcome = Literal["HIT", "MISS", "BYPASS"]
+_X_CACHE: Final[dict[str, bytes]] = {"HIT": b"HIT", "MISS": b"MISS", "BYPASS": b"BYPASS"}
 
 # --------------------------------------------------------------------------- plan
 
@@ -216,7 +218,7 @@ class _Admitting:
             if exc is not None:  # cancelled (client gone), refused by a slot, a failed run, a bug
                 admission.error = True
             await _finish(self._state, admission)
-        self._state.metrics.tenant_executions.labels(tenant=admission.tenant_id).inc(self._cost)
+        self._state.metrics.tenant_executed(admission.tenant_id, self._cost)
         if isinstance(exc, GatewayError):
             # The answer to an admitted request carries its rate-limit headers, an error too.
             exc.headers = {**admission.headers, **exc.headers}
@@ -395,10 +397,13 @@ def answer(
 ) -> Response:
     """The execute's response: Piston's bytes, the rate-limit headers and X-Cache."""
     metrics = state.metrics
-    elapsed = time.perf_counter() - started
-    metrics.execute_duration.labels(language=planned.runtime.language).observe(elapsed)
+    metrics.execute_answered(planned.runtime.language, time.perf_counter() - started)
     metrics.cache_outcomes[result.cache].inc()
-    headers = {**admission.headers, "X-Cache": result.cache}
-    return Response(
-        result.body, status_code=result.status_code, headers=headers, media_type="application/json"
+    body = result.body
+    headers = raw_headers(admission.headers)  # as Starlette orders them: given, then its own
+    headers += (
+        (b"x-cache", _X_CACHE[result.cache]),
+        (b"content-length", str(len(body)).encode()),
+        (b"content-type", b"application/json"),
     )
+    return RawResponse(body, result.status_code, headers)

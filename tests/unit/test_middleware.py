@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import structlog
 from starlette.requests import Request
 
 from app.errors import UnsupportedMediaType
-from app.logging import configure_logging, redact
-from app.middleware import read_json_body
+from app.logging import access_log, configure_logging, redact
+from app.metrics import Metrics
+from app.middleware import RequestContextMiddleware, read_json_body
 
 KEY = "pgw_9KdbCaNGhv9YA93claWEn1nwm0RVfNnA0AJOK0NiXHo"
 
@@ -82,8 +85,10 @@ class TestRedact:
 def json_logs() -> Iterator[None]:
     root = logging.getLogger()
     saved = root.handlers[:], root.level, logging.getLogger("uvicorn.access").disabled
+    saved_access = access_log.logger
     yield
     root.handlers[:], level, logging.getLogger("uvicorn.access").disabled = saved
+    access_log.logger = saved_access
     root.setLevel(level)
     logging.captureWarnings(False)
     structlog.reset_defaults()
@@ -110,3 +115,41 @@ def test_uvicorns_websocket_line_is_json_with_the_request_id_and_no_key(
     )
     assert lines[1]["detail"] == "saw pgw_9KdbCaNG..."
     assert KEY not in json.dumps(lines)
+
+
+class TestRequestOutcomes:
+    """What the access line and pgw_requests_total say of a request nobody was answered."""
+
+    async def _cancelled(self) -> tuple[list[Any], float | None]:
+        started = asyncio.Event()
+
+        async def app(scope: object, receive: object, send: object) -> None:
+            started.set()
+            await asyncio.Event().wait()  # a run that never ends
+
+        metrics = Metrics()
+        middleware = RequestContextMiddleware(app, metrics, max_body_bytes=100, body_timeout=5.0)
+        scope = {"type": "http", "method": "POST", "path": "/api/v2/execute", "headers": []}
+
+        async def receive() -> dict[str, object]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: object) -> None:
+            pass
+
+        with structlog.testing.capture_logs() as logs:
+            task = asyncio.ensure_future(middleware(scope, receive, send))
+            await started.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        counted = metrics.registry.get_sample_value(
+            "pgw_requests_total", {"route": "unmatched", "status": "499"}
+        )
+        return logs, counted
+
+    async def test_a_cancelled_request_is_499_not_500(self) -> None:
+        logs, counted = await self._cancelled()
+        [line] = [line for line in logs if line["event"] == "request"]
+        assert line["status"] == 499
+        assert counted == 1.0
