@@ -111,8 +111,10 @@ class AccessLog:
 
     def __init__(self) -> None:
         self.logger: Any = structlog.get_logger("app.access")
+        self.enabled = True  # whether a line would be written: if not, its fields go unbuilt
 
     def configure(self, level: int, stream: IO[bytes]) -> None:
+        self.enabled = level <= logging.INFO
         self.logger = structlog.wrap_logger(
             _BatchedLines(stream),
             processors=[

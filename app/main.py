@@ -31,6 +31,7 @@ from app.middleware import (
     UnexpectedErrorMiddleware,
     direct_route_app,
 )
+from app.pipeline import Plans
 from app.redis import open_redis
 from app.redis_outage import RedisOutage
 from app.redis_pipeline import PipelinedRedis
@@ -107,12 +108,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         outage=outage,
         outage_seconds=settings.key_cache_outage_seconds,
     )
+    catalog = RuntimeCatalog(pool)
     state = AppState(
         settings=settings,
         metrics=metrics,
         redis=redis,
         pool=pool,
-        catalog=RuntimeCatalog(pool),
+        catalog=catalog,
         store=store,
         authenticator=authenticator,
         gate=create_gate(
@@ -128,6 +130,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         flights=SingleFlight(redis, metrics=metrics),
         auth_failures=AuthFailureLimiter(settings=settings, redis=redis, outage=outage),
         extras={},
+        plans=Plans(settings, catalog),
         outage=outage,
     )
     app.state.gateway = state

@@ -35,7 +35,7 @@ from app.cache.keys import CacheMode, cache_digest, cache_key, cache_mode
 from app.errors import BadRequest, GatewayError
 from app.limits.gate import Admission, ClientLimit
 from app.limits.slots import Reservation
-from app.middleware import RawResponse, raw_headers
+from app.middleware import RawResponse, parse_json, raw_headers
 from app.policy import effective_caps, effective_request
 from app.protocol.errors import InvalidRequest
 from app.protocol.resolve import Runtime
@@ -48,7 +48,7 @@ from app.upstream.catalog import RuntimeCatalog
 from app.upstream.pool import UpstreamAnswer
 
 __all__ = ["NO_CACHE", "Admission", "CachePlan", "Plan", "Result", "admit", "answer", "plan"]
-__all__ += ["run_once"]
+__all__ += ["Plans", "run_once"]
 
 # Piston's own defaults, for the upstream deadline when a stage is left uncapped.
 _PISTON_DEFAULT_MS: Final = {"compile_timeout": 10_000, "run_timeout": 3_000}
@@ -152,6 +152,49 @@ def plan(
         lease_ttl_ms=deadline_ms + settings.queue_timeout_ms + _LEASE_SLACK_MS,
         cache_scope=scope,
     )
+
+
+class Plans:
+    """`plan`, remembered for requests seen before: a repeat (every cache hit is one) is
+    planned once, without parsing, resolving, checking policy or hashing it again.
+
+    A plan follows from the tenant, the body's exact bytes, the Cache-Control lines, the
+    settings and the runtime set, nothing else (`plan` is pure). The entries are keyed by the
+    tenant object (an edited tenant is a new object), the bytes, the Cache-Control lines and the
+    catalog's version (bumped when the runtime or upstream set changes); the settings are this
+    app's. Refusals are not remembered. Bounded: small bodies only, `max_entries` of them, then
+    it starts afresh, so at most about `max_entries * max_body_bytes * 2` bytes are held.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: RuntimeCatalog,
+        *,
+        max_entries: int = 256,
+        max_body_bytes: int = 4096,
+    ) -> None:
+        self._settings = settings
+        self._catalog = catalog
+        self._max_entries = max_entries
+        self._max_body_bytes = max_body_bytes
+        self._entries: dict[tuple[int, bytes, str | None, int], tuple[Tenant, Plan]] = {}
+
+    def plan(self, tenant: Tenant, raw: bytes, headers: Headers) -> Plan:
+        """The plan of an execute whose body is `raw` (400 for JSON that is not)."""
+        cache_control = ", ".join(headers.getlist("cache-control")) or None
+        key = (id(tenant), raw, cache_control, self._catalog.version)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is tenant:
+            return entry[1]
+        planned = plan(
+            tenant, parse_json(raw), headers, settings=self._settings, catalog=self._catalog
+        )
+        if len(raw) <= self._max_body_bytes:
+            if len(self._entries) >= self._max_entries:
+                self._entries.clear()
+            self._entries[key] = (tenant, planned)
+        return planned
 
 
 # --------------------------------------------------------------------------- admit

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from app.cache.flight import SingleFlight
     from app.cache.store import CacheStore
     from app.limits import AuthFailureLimiter, Gate, UpstreamSlots
+    from app.pipeline import Plans
     from app.redis_outage import RedisOutage
     from app.tenancy.authenticator import Authenticator
     from app.tenancy.store import TenantStore
@@ -43,6 +44,7 @@ class AppState:
     flights: SingleFlight
     auth_failures: AuthFailureLimiter
     extras: dict[str, Any]
+    plans: Plans  # execute's plans of requests seen before (app.pipeline)
     # One outage state for every Redis user of the process, so that they all behave alike.
     outage: RedisOutage | None = None
 

@@ -30,7 +30,7 @@ from app.api.deps import (
 from app.errors import GatewayError, ServiceUnavailable, message_responses
 from app.limits import Admission, ClientLimit
 from app.limits.slots import Reservation
-from app.middleware import json_response, read_json_body
+from app.middleware import json_response, read_body
 from app.pipeline import Plan, admit, answer, plan, run_once
 from app.policy import language_allowed
 from app.protocol.schemas import (
@@ -81,10 +81,8 @@ async def execute(request: Request) -> Response:
     principal = principal_of(request)  # authorized by the router (app.api.deps)
     state = get_state(request)
     with state.slots.reserve() as reservation:  # past the queue: 503 now, not after the body
-        body = await read_json_body(request, state.settings.max_body_bytes)
-        planned = plan(
-            principal.tenant, body, request.headers, settings=state.settings, catalog=state.catalog
-        )
+        raw = await read_body(request, state.settings.max_body_bytes)
+        planned = state.plans.plan(principal.tenant, raw, request.headers)  # pipeline.plan
         client = client_limit(request, principal)  # a browser key's per-visitor limit, if any
         async with admit(state, principal.tenant, planned, client=client) as admission:
             result = await run_once(state, planned, admission, reservation=reservation)

@@ -289,6 +289,7 @@ class _FixedPart:
     """The parts of a tenant's admit call that are the same for each of its requests that day."""
 
     windows: tuple[Window, ...]
+    specs: tuple[tuple[str, int, int], ...]  # per window: policy name, amount, length (s)
     keys: tuple[str, ...]  # KEYS[2..]: quota, leases, usage, then one per window
     window_args: tuple[int, ...]  # per window: amount, length (s)
     moving: int
@@ -410,9 +411,10 @@ class RedisGate:
         counts: Sequence[int] = reply[5 : 5 + n]
         resets: Sequence[int] = reply[5 + n : 5 + 2 * n]
         redis_now = now_ms / 1000
+        specs = fixed.specs if client is None else [(w.name, w.amount, w.seconds) for w in windows]
         states = [
-            PolicyState(w.name, w.amount, w.seconds, w.amount - count, reset_ms / 1000)
-            for w, count, reset_ms in zip(windows, counts, resets, strict=True)
+            PolicyState(name, amount, seconds, amount - count, reset_ms / 1000)
+            for (name, amount, seconds), count, reset_ms in zip(specs, counts, resets, strict=True)
         ]
         quota = fixed.quota
         if quota:
@@ -465,6 +467,7 @@ class RedisGate:
             states.append(quota_state(quota, 0, day))
         return _FixedPart(
             windows=windows,
+            specs=tuple((w.name, w.amount, w.seconds) for w in windows),
             keys=(
                 redis_keys.quota_counter(tenant.id, day),
                 redis_keys.concurrency_leases(tenant.id),

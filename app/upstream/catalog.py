@@ -26,6 +26,11 @@ class RuntimeCatalog:
     def runtimes(self) -> list[Runtime]:
         return self._pool.runtimes
 
+    @property
+    def version(self) -> int:
+        """Bumped whenever what `resolve` answers may change (the runtime or upstream set)."""
+        return self._pool.version
+
     def find(self, language: str, selector: str) -> Runtime | None:
         if self._memo_version != self._pool.version:
             self._memo.clear()

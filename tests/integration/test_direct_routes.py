@@ -101,7 +101,24 @@ def _post(
     return send
 
 
+def _two_keys(first: str, second: str) -> Send_:
+    """Two Authorization lines: whichever way, the first one is the key."""
+
+    async def send(client: httpx.AsyncClient, keys: dict[str, str]) -> httpx.Response:
+        lines = [
+            ("Authorization", f"Bearer {keys.get(first, first)}"),
+            ("Authorization", f"Bearer {keys.get(second, second)}"),
+            ("Cache-Control", "no-cache"),
+            ("Cache-Control", "no-store"),
+        ]
+        return await client.post("/api/v2/execute", json=PY, headers=lines)
+
+    return send
+
+
 CASES: dict[str, Send_] = {
+    "two keys, the good one first": _two_keys("execute", "pgw_" + "y" * 43),
+    "two keys, the good one second": _two_keys("pgw_" + "y" * 43, "execute"),
     "a run": _post(),
     "a run, trailing slash": _post("/api/v2/execute/"),
     "no key": _post(key=None),

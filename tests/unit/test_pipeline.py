@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any, cast
 
+import orjson
 import pytest
 from starlette.datastructures import Headers
 
@@ -13,7 +14,7 @@ from app.cache.keys import cache_digest
 from app.errors import BadRequest, GatewayError, GatewayTimeout, TooManyRequests
 from app.limits import Admission, MemoryGate
 from app.metrics import Metrics
-from app.pipeline import NO_CACHE, admit, plan
+from app.pipeline import NO_CACHE, Plans, admit, plan
 from app.protocol.resolve import Runtime
 from app.settings import Settings
 from app.state import AppState
@@ -145,3 +146,64 @@ class TestAdmit:
             async with admit(_state(gate), tenant, _plan()):
                 pytest.fail("a refused request runs nothing")
         assert len(gate.finished) == 1
+
+
+class _VersionedCatalog(_Catalog):
+    """The fake catalog, counting resolutions, with the runtime set's version."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self.resolved = 0
+
+    def resolve(self, language: str, selector: str) -> Runtime:
+        self.resolved += 1
+        return super().resolve(language, selector)
+
+
+class TestPlans:
+    """Plans: a repeat is planned once; anything a plan follows from makes a new one."""
+
+    RAW = orjson.dumps(BODY)
+
+    def _plans(self, **kw: Any) -> tuple[Plans, _VersionedCatalog]:
+        catalog = _VersionedCatalog()
+        return Plans(Settings(), cast(RuntimeCatalog, catalog), **kw), catalog
+
+    def test_a_repeat_is_the_same_plan_as_planning_it_afresh(self) -> None:
+        plans, catalog = self._plans()
+        tenant = Tenant(id="acme")
+        first = plans.plan(tenant, self.RAW, Headers())
+        assert plans.plan(tenant, self.RAW, Headers()) is first
+        assert catalog.resolved == 1
+        assert first == _plan()  # what plan() itself gives for these bytes
+
+    def test_what_a_plan_follows_from_makes_a_new_one(self) -> None:
+        plans, catalog = self._plans()
+        tenant = Tenant(id="acme")
+        first = plans.plan(tenant, self.RAW, Headers())
+        edited = Tenant(id="acme", max_run_timeout=1000)  # an edit is a new object
+        assert plans.plan(edited, self.RAW, Headers()).request.limits["run_timeout"] == 1000
+        no_store = plans.plan(tenant, self.RAW, Headers({"cache-control": "no-store"}))
+        assert no_store.cache.digest is None
+        spaced = orjson.dumps(BODY, option=orjson.OPT_INDENT_2)  # other bytes, same request
+        assert plans.plan(tenant, spaced, Headers()).cache.digest == first.cache.digest
+        catalog.version += 1  # a runtime installed or gone
+        assert plans.plan(tenant, self.RAW, Headers()) is not first
+        assert catalog.resolved == 5
+
+    def test_refusals_and_large_bodies_are_not_kept(self) -> None:
+        plans, catalog = self._plans(max_body_bytes=len(self.RAW) - 1)
+        tenant = Tenant(id="acme")
+        plans.plan(tenant, self.RAW, Headers())
+        plans.plan(tenant, self.RAW, Headers())
+        assert catalog.resolved == 2
+        for _ in range(2):
+            with pytest.raises(BadRequest):
+                plans.plan(tenant, b"{", Headers())
+
+    def test_bounded(self) -> None:
+        plans, _ = self._plans(max_entries=4)
+        tenant = Tenant(id="acme")
+        for n in range(10):
+            plans.plan(tenant, orjson.dumps({**BODY, "stdin": str(n)}), Headers())
+        assert len(plans._entries) <= 4
