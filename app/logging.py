@@ -13,7 +13,7 @@ import logging
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import IO, Any
+from typing import IO, Any, Final
 from urllib.parse import unquote
 
 import orjson
@@ -60,44 +60,67 @@ def _dumps(obj: object, default: object = None) -> str:
     return orjson.dumps(obj, default=str).decode()
 
 
+# Writes to a pipe of at most this many bytes are atomic (POSIX PIPE_BUF): the workers of
+# `serve --workers N` share one stderr, and a longer write may be interleaved with theirs.
+_ATOMIC_WRITE: Final = 4096
+
+
 class _BatchedLines:
     """structlog's logger for the access lines: each rendered line is kept, and the lines of one
-    event-loop iteration go out in one write, after the answers of that iteration were sent.
+    event-loop iteration go out together, after the answers of that iteration were sent, in
+    writes of whole lines of at most PIPE_BUF bytes (a longer line alone), so lines of several
+    worker processes sharing a pipe never mix.
 
-    Outside a running loop (or if scheduling fails) a line is written at once. What is still
-    held when the process ends is written by `flush` (atexit): no line is lost to the batch.
+    Outside a running loop a line is written at once. What is still held when the process ends
+    is written by `flush` (atexit): no line is lost to the batch.
     """
 
-    __slots__ = ("_flush", "_held", "_scheduled", "_write")
+    __slots__ = ("_flush", "_held", "_scheduled_on", "_write")
 
     def __init__(self, stream: IO[bytes]) -> None:
         self._write, self._flush = stream.write, stream.flush
         self._held: list[bytes] = []
-        self._scheduled = False
+        self._scheduled_on: asyncio.AbstractEventLoop | None = None
         atexit.register(self.flush)
 
     def msg(self, line: bytes) -> None:
         self._held.append(line)
-        if self._scheduled:
-            return
         try:
-            asyncio.get_running_loop().call_soon(self.flush)
+            loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop: nothing to batch with
             self.flush()
             return
-        self._scheduled = True
+        if self._scheduled_on is not loop:  # (a loop that closed before its flush ran: again)
+            self._scheduled_on = loop
+            loop.call_soon(self.flush)
 
     info = msg
 
     def flush(self) -> None:
-        self._scheduled = False
+        self._scheduled_on = None
         held, self._held = self._held, []
-        if held:
-            try:
-                self._write(b"\n".join(held) + b"\n")
-                self._flush()
-            except (OSError, ValueError):  # the stream is gone (closed at exit): nowhere to log
-                pass
+        try:
+            chunk: list[bytes] = []
+            size = 0
+            for line in held:
+                if chunk and size + len(line) + 1 > _ATOMIC_WRITE:
+                    self._write_lines(chunk)
+                    chunk, size = [], 0
+                chunk.append(line)
+                size += len(line) + 1
+            if chunk:
+                self._write_lines(chunk)
+        except (OSError, ValueError):  # the stream is gone (closed at exit): nowhere to log
+            pass
+
+    def _write_lines(self, lines: list[bytes]) -> None:
+        self._write(b"\n".join(lines) + b"\n")
+        self._flush()
+
+    def close(self) -> None:
+        """Write what is held and stop writing at exit (a new configuration replaces it)."""
+        self.flush()
+        atexit.unregister(self.flush)
 
 
 class AccessLog:
@@ -112,11 +135,15 @@ class AccessLog:
     def __init__(self) -> None:
         self.logger: Any = structlog.get_logger("app.access")
         self.enabled = True  # whether a line would be written: if not, its fields go unbuilt
+        self._lines: _BatchedLines | None = None
 
     def configure(self, level: int, stream: IO[bytes]) -> None:
         self.enabled = level <= logging.INFO
+        if self._lines is not None:
+            self._lines.close()
+        self._lines = _BatchedLines(stream)
         self.logger = structlog.wrap_logger(
-            _BatchedLines(stream),
+            self._lines,
             processors=[
                 structlog.contextvars.merge_contextvars,
                 structlog.processors.add_log_level,

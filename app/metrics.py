@@ -110,6 +110,7 @@ class Metrics:
         )
         self._gc_children = [self.gc_pauses.labels(generation=str(g)) for g in range(3)]
         self._gc_started = 0.0
+        self._gc_pending: list[tuple[int, float]] = []
 
     def watch_gc(self) -> None:
         """Time every collection of this process into `pgw_gc_pause_seconds` (until close())."""
@@ -117,10 +118,21 @@ class Metrics:
             gc.callbacks.append(self._on_gc)
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        # Only noted here, recorded by the next request or scrape (`record_gc`): a collection
+        # can start inside prometheus_client while it holds its multiprocess lock (creating a
+        # labelled value allocates), and observing from here would wait on that lock forever.
         if phase == "start":
             self._gc_started = time.perf_counter()
         else:
-            self._gc_children[info["generation"]].observe(time.perf_counter() - self._gc_started)
+            self._gc_pending.append((info["generation"], time.perf_counter() - self._gc_started))
+
+    def record_gc(self) -> None:
+        """Record the pauses noted since the last call (cheap when there are none)."""
+        if not self._gc_pending:
+            return
+        pending, self._gc_pending = self._gc_pending, []
+        for generation, seconds in pending:
+            self._gc_children[generation].observe(seconds)
 
     def tenant_executed(self, tenant_id: str, count: int = 1) -> None:
         child = self._tenant_counters.get(tenant_id)
@@ -146,6 +158,7 @@ class Metrics:
             multiprocess.mark_process_dead(os.getpid(), self._multiproc_dir)  # type: ignore[no-untyped-call]
 
     def count_request(self, route: str, status: int) -> None:
+        self.record_gc()
         child = self._request_counters.get((route, status))
         if child is None:
             child = self._request_counters[(route, status)] = self.requests.labels(

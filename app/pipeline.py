@@ -162,8 +162,9 @@ class Plans:
     settings and the runtime set, nothing else (`plan` is pure). The entries are keyed by the
     tenant object (an edited tenant is a new object), the bytes, the Cache-Control lines and the
     catalog's version (bumped when the runtime or upstream set changes); the settings are this
-    app's. Refusals are not remembered. Bounded: small bodies only, `max_entries` of them, then
-    it starts afresh, so at most about `max_entries * max_body_bytes * 2` bytes are held.
+    app's. Refusals are not remembered. Bounded: small requests only (body and Cache-Control
+    within `max_body_bytes`), `max_entries` of them, then it starts afresh, so at most about
+    `max_entries * max_body_bytes * 2` bytes are held.
     """
 
     def __init__(
@@ -190,7 +191,7 @@ class Plans:
         planned = plan(
             tenant, parse_json(raw), headers, settings=self._settings, catalog=self._catalog
         )
-        if len(raw) <= self._max_body_bytes:
+        if len(raw) + len(cache_control or "") <= self._max_body_bytes:
             if len(self._entries) >= self._max_entries:
                 self._entries.clear()
             self._entries[key] = (tenant, planned)

@@ -63,6 +63,9 @@ def _raw_answer(status: int, message: str) -> bytes:
     )
 
 
+_HOLD_AT_MOST = 64 * 1024  # bytes held before they are written without waiting for the end
+
+
 class _CoalescingTransport:
     """The connection's transport, with the writes of one loop iteration sent as one.
 
@@ -72,17 +75,24 @@ class _CoalescingTransport:
     sends what is held first (`close`) or drops it (`abort`, as the transport would).
     """
 
-    __slots__ = ("_held", "_loop", "_transport")
+    __slots__ = ("_held", "_loop", "_size", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
         self._held: list[bytes] = []
+        self._size = 0
 
     def write(self, data: bytes) -> None:
         if not self._held:
             self._loop.call_soon(self._flush)
+            self._size = 0
         self._held.append(data)
+        self._size += len(data)
+        if self._size > _HOLD_AT_MOST:
+            # A producer writing a lot without yielding: the transport's own buffer and its
+            # flow control (pause_writing) take over, as without this layer.
+            self._flush()
 
     def writelines(self, lines: Iterable[bytes]) -> None:
         self.write(b"".join(lines))

@@ -54,4 +54,5 @@ async def readyz(state: StateDep) -> Response:
 @router.get("/metrics", openapi_extra=_NO_KEY, response_class=Response)
 async def metrics(state: StateDep) -> Response:
     """Prometheus text format, families prefixed `pgw_`."""
+    state.metrics.record_gc()
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -200,6 +200,10 @@ class TestPlans:
         for _ in range(2):
             with pytest.raises(BadRequest):
                 plans.plan(tenant, b"{", Headers())
+        small, _ = self._plans(max_body_bytes=len(self.RAW) + 10)
+        long_header = Headers({"cache-control": "max-age=0, " + "x" * 100})
+        small.plan(tenant, self.RAW, long_header)  # within the bound by its body, not with it
+        assert len(small._entries) == 0
 
     def test_bounded(self) -> None:
         plans, _ = self._plans(max_entries=4)
