@@ -243,8 +243,8 @@ class RequestContextMiddleware:
             self.metrics.count_request(path, status)
             if access_log.enabled:
                 principal = getattr(scope.get("state", {}).get("principal"), "key_prefix", None)
-                access_log.logger.info(
-                    "request",
+                access_log.write(
+                    request_id,
                     method=scope["method"],
                     path=scope["path"],
                     route=path,
