@@ -85,10 +85,10 @@ class TestRedact:
 def json_logs() -> Iterator[None]:
     root = logging.getLogger()
     saved = root.handlers[:], root.level, logging.getLogger("uvicorn.access").disabled
-    saved_access = access_log.logger, access_log.enabled
+    saved_access = dict(vars(access_log))  # configure_logging sets the access line's path too
     yield
     root.handlers[:], level, logging.getLogger("uvicorn.access").disabled = saved
-    access_log.logger, access_log.enabled = saved_access
+    vars(access_log).update(saved_access)
     root.setLevel(level)
     logging.captureWarnings(False)
     structlog.reset_defaults()
