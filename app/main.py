@@ -20,6 +20,7 @@ from app.api import ROUTERS
 from app.api.deps import authorize, is_served_directly
 from app.cache.flight import SingleFlight
 from app.cache.store import create_cache_store
+from app.clock import SYSTEM_CLOCK, Clock
 from app.errors import install_error_handlers
 from app.limits import AuthFailureLimiter, UpstreamSlots, create_gate
 from app.logging import configure_logging
@@ -107,6 +108,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         cache_seconds=settings.key_cache_seconds,
         outage=outage,
         outage_seconds=settings.key_cache_outage_seconds,
+        clock=app.state.clock,
     )
     catalog = RuntimeCatalog(pool)
     state = AppState(
@@ -229,9 +231,13 @@ def _serve_directly(app: FastAPI) -> None:
 
 
 def create_app(
-    settings: Settings | None = None, *, upstream_transport: Any | None = None
+    settings: Settings | None = None,
+    *,
+    upstream_transport: Any | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> FastAPI:
-    """Build the gateway. `upstream_transport` lets fault tests put a fake Piston behind it."""
+    """Build the gateway. `upstream_transport` lets fault tests put a fake Piston behind it;
+    `clock` lets tests move the time keys and browser keys expire by."""
     settings = settings or Settings()
     if os.environ.get(_LOGGING_FLAG):
         # Set by `serve` so that each worker process (a fresh interpreter) logs JSON too; tests
@@ -251,6 +257,7 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.upstream_transport = upstream_transport
+    app.state.clock = clock
     install_error_handlers(app)
 
     for router in ROUTERS:
@@ -264,7 +271,9 @@ def create_app(
     def live_origin(origin: str) -> bool:
         # A browser key's origin, live now (minted, not revoked, not expired) on any replica.
         state: AppState | None = getattr(app.state, "gateway", None)
-        return state is not None and state.authenticator.origins.allows(request_origin(origin))
+        return state is not None and state.authenticator.origins.allows(
+            request_origin(origin), clock.wall()
+        )
 
     # Always installed: a browser key minted at any time needs its preflights answered.
     app.add_middleware(

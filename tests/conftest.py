@@ -10,6 +10,7 @@ import pytest
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
+from app.clock import SYSTEM_CLOCK, Clock
 from app.settings import Settings
 from app.tenancy.models import TenantCreate
 from tests.support import RedisServer, Service, start_engine
@@ -84,7 +85,9 @@ async def make_gateway(redis_server: RedisServer, engine: Service) -> AsyncItera
     await flusher.aclose()
     async with AsyncExitStack() as stack:
 
-        async def make(*, transport: Any = None, **overrides: Any) -> Gateway:
+        async def make(
+            *, transport: Any = None, clock: Clock = SYSTEM_CLOCK, **overrides: Any
+        ) -> Gateway:
             from app.main import create_app  # imported late: unit tests need none of it
 
             values: dict[str, Any] = {
@@ -93,7 +96,7 @@ async def make_gateway(redis_server: RedisServer, engine: Service) -> AsyncItera
                 "admin_key": ADMIN_KEY,
                 **overrides,
             }
-            app = create_app(Settings(**values), upstream_transport=transport)
+            app = create_app(Settings(**values), upstream_transport=transport, clock=clock)
             await stack.enter_async_context(app.router.lifespan_context(app))
             client = httpx.AsyncClient(
                 transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60
