@@ -184,12 +184,10 @@ def gc_during(
     return out
 
 
-def round_trips_per_request(redis_url: str, send: Callable[[], object], requests: int) -> float:
-    """Commands that clients sent to Redis (not those a script ran inside it), per request.
+def _monitored(redis_url: str, send: Callable[[], Any]) -> tuple[list[dict[str, Any]], Any]:
+    """Every command Redis saw while `send()` ran (MONITOR), and what `send` returned.
 
-    MONITOR shows each command a client sends, and marks those a Lua script issued as `lua`:
-    they cost no round trip, so they are not counted.
-    """
+    `send` runs once the MONITOR subscription is live; its return value comes back as it is."""
     import threading
 
     import redis
@@ -210,9 +208,19 @@ def round_trips_per_request(redis_url: str, send: Callable[[], object], requests
     watcher.start()
     ready.wait(5)
     time.sleep(0.2)  # the MONITOR subscription is live once its reply has been read
-    send()
+    returned = send()
     redis.Redis.from_url(redis_url).echo(stop)
     watcher.join(10)
+    return seen, returned
+
+
+def round_trips_per_request(redis_url: str, send: Callable[[], object], requests: int) -> float:
+    """Commands that clients sent to Redis (not those a script ran inside it), per request.
+
+    MONITOR shows each command a client sends, and marks those a Lua script issued as `lua`:
+    they cost no round trip, so they are not counted.
+    """
+    seen, _ = _monitored(redis_url, send)
     return len([c for c in seen if c.get("client_type") != "lua"]) / requests
 
 
@@ -225,41 +233,26 @@ def round_trips_per_miss(redis_url: str, url: str, headers: dict[str, str], miss
     connections (their pings; a request sends nothing there), and whatever a gateway sends
     after the answer (none today, but that would be off the critical path).
     """
-    import threading
-
     import redis
 
-    stop = "pgw-bench-monitor-stop"
-    seen: list[dict[str, Any]] = []
-    ready = threading.Event()
+    def send() -> tuple[list[tuple[float, float]], set[str]]:
+        windows: list[tuple[float, float]] = []
+        json_headers = {"Content-Type": "application/json", **headers}
+        with httpx.Client(timeout=30, headers=json_headers) as c:
+            c.post(url, content=orjson.dumps({**PROGRAM, "stdin": "warm up"})).raise_for_status()
+            for _ in range(misses):
+                body = orjson.dumps({**PROGRAM, "stdin": secrets.token_hex(8)})
+                sent = time.time()
+                response = c.post(url, content=body)
+                windows.append((sent, time.time()))
+                response.raise_for_status()
+                if response.headers["x-cache"] != "MISS":
+                    cache = response.headers["x-cache"]
+                    raise RuntimeError(f"expected a miss, got X-Cache {cache}")
+        clients = redis.Redis.from_url(redis_url).client_list()
+        return windows, {c["addr"] for c in clients if int(c["sub"]) + int(c["psub"]) > 0}
 
-    def watch() -> None:
-        with redis.Redis.from_url(redis_url).monitor() as monitor:  # type: ignore[no-untyped-call]
-            ready.set()
-            for command in monitor.listen():
-                if stop in command["command"]:
-                    return
-                seen.append(command)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    ready.wait(5)
-    time.sleep(0.2)  # the MONITOR subscription is live once its reply has been read
-    windows: list[tuple[float, float]] = []
-    with httpx.Client(timeout=30, headers={"Content-Type": "application/json", **headers}) as c:
-        c.post(url, content=orjson.dumps({**PROGRAM, "stdin": "warm up"})).raise_for_status()
-        for _ in range(misses):
-            body = orjson.dumps({**PROGRAM, "stdin": secrets.token_hex(8)})
-            sent = time.time()
-            response = c.post(url, content=body)
-            windows.append((sent, time.time()))
-            response.raise_for_status()
-            if response.headers["x-cache"] != "MISS":
-                raise RuntimeError(f"expected a miss, got X-Cache {response.headers['x-cache']}")
-    client = redis.Redis.from_url(redis_url)
-    subscribers = {c["addr"] for c in client.client_list() if int(c["sub"]) + int(c["psub"]) > 0}
-    client.echo(stop)
-    watcher.join(10)
+    seen, (windows, subscribers) = _monitored(redis_url, send)
     counted = 0
     for command in seen:
         if command.get("client_type") == "lua":
