@@ -78,7 +78,7 @@ _EXECUTE_DOCS: dict[str, Any] = dict(
 async def execute(request: Request) -> Response:
     """Run code, exactly as Piston's POST /api/v2/execute (answers carry X-Cache)."""
     started = time.perf_counter()
-    principal = principal_of(request)  # authorized by the router (app.api.deps)
+    principal = principal_of(request)  # authorized before this runs (app.api.deps)
     state = get_state(request)
     with state.slots.reserve() as reservation:  # past the queue: 503 now, not after the body
         raw = await read_body(request, state.settings.max_body_bytes)
