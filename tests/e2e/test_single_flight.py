@@ -54,6 +54,23 @@ async def _fire(
         )
 
 
+async def _leading(
+    client: httpx.AsyncClient, url: str, key: str, body: dict[str, object], redis_url: str
+) -> asyncio.Task[httpx.Response]:
+    """The first request, once it leads: its admit script claimed the flight lock."""
+    first = asyncio.create_task(
+        client.post(f"{url}/api/v2/execute", json=body, headers={"Authorization": f"Bearer {key}"})
+    )
+    redis = Redis.from_url(redis_url)
+    try:
+        async with asyncio.timeout(10):
+            while not [k async for k in redis.scan_iter(match="pgw:flight:*")]:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+    finally:
+        await redis.aclose()
+    return first
+
+
 class TestAcrossProcesses:
     def test_fifty_identical_requests_run_once(
         self, replicas: list[Service], engine: Service
@@ -74,23 +91,11 @@ class TestAcrossProcesses:
         before = engine_jobs(engine)
 
         async def scenario() -> tuple[httpx.Response, list[httpx.Response]]:
-            redis = Redis.from_url(redis_server.url)
             async with httpx.AsyncClient(timeout=60) as client:
-                first = asyncio.create_task(
-                    client.post(
-                        f"{leader.url}/api/v2/execute",
-                        json=body,
-                        headers={"Authorization": f"Bearer {key}"},
-                    )
-                )
                 # The leader's admit script claimed the flight lock with its cache read.
-                async with asyncio.timeout(10):
-                    while not [k async for k in redis.scan_iter(match="pgw:flight:*")]:  # noqa: ASYNC110
-                        await asyncio.sleep(0.01)
+                first = await _leading(client, leader.url, key, body, redis_server.url)
                 waiters = await _fire([other.url], key, body, 5)
-                answer = await first
-            await redis.aclose()
-            return answer, waiters
+                return await first, waiters
 
         first, waiters = asyncio.run(scenario())
         assert [a.status_code for a in [first, *waiters]] == [200] * 6
@@ -107,7 +112,7 @@ class TestAcrossProcesses:
         assert (roles.get("shared"), roles.get("joined")) == (1, 4)
 
     def test_waiters_survive_the_leaders_death(
-        self, replicas: list[Service], engine: Service
+        self, replicas: list[Service], engine: Service, redis_server: RedisServer
     ) -> None:
         leader, survivor = replicas
         key = _key(leader, "takeover")
@@ -115,14 +120,8 @@ class TestAcrossProcesses:
 
         async def scenario() -> list[httpx.Response]:
             async with httpx.AsyncClient(timeout=60) as client:
-                first = asyncio.create_task(
-                    client.post(
-                        f"{leader.url}/api/v2/execute",
-                        json=body,
-                        headers={"Authorization": f"Bearer {key}"},
-                    )
-                )
-                await asyncio.sleep(0.5)  # the leader holds the flight lock and runs the job
+                # The leader holds the flight lock and runs the job.
+                first = await _leading(client, leader.url, key, body, redis_server.url)
                 waiters = asyncio.create_task(_fire([survivor.url], key, body, 5))
                 await asyncio.sleep(0.3)
                 assert leader.proc is not None
