@@ -67,7 +67,7 @@ _ATOMIC_WRITE: Final = 4096
 
 
 class _BatchedLines:
-    """structlog's logger for the access lines: each rendered line is kept, and the lines of one
+    """Where the access lines go once rendered: each line is kept, and the lines of one
     event-loop iteration go out together, after the answers of that iteration were sent, in
     writes of whole lines of at most PIPE_BUF bytes (a longer line alone), so lines of several
     worker processes sharing a pipe never mix.
@@ -94,8 +94,6 @@ class _BatchedLines:
         if self._scheduled_on is not loop:  # (a loop that closed before its flush ran: again)
             self._scheduled_on = loop
             loop.call_soon(self.flush)
-
-    info = msg
 
     def flush(self) -> None:
         self._scheduled_on = None

@@ -55,7 +55,6 @@ _PISTON_DEFAULT_MS: Final = {"compile_timeout": 10_000, "run_timeout": 3_000}
 _LEASE_SLACK_MS: Final = 5_000
 
 CacheOutcome = Literal["HIT", "MISS", "BYPASS"]
-_X_CACHE: Final[dict[str, bytes]] = {"HIT": b"HIT", "MISS": b"MISS", "BYPASS": b"BYPASS"}
 
 # --------------------------------------------------------------------------- plan
 
@@ -109,6 +108,11 @@ def _stage_deadline_ms(limits: Mapping[str, int | None]) -> int:
     return total
 
 
+def _cache_control(headers: Headers) -> str | None:
+    # Every Cache-Control line, as one (a header may be sent more than once).
+    return ", ".join(headers.getlist("cache-control")) or None
+
+
 def plan(
     tenant: Tenant,
     body: object,
@@ -139,7 +143,7 @@ def plan(
         mode = cache_mode(
             ttl_seconds=settings.cache_ttl_seconds,
             tenant_cache=tenant.cache,
-            cache_control=", ".join(headers.getlist("cache-control")) or None,
+            cache_control=_cache_control(headers),
         )
         digest = cache_digest(effective, tenant_id=scope) if mode.store else None
         cache = CachePlan(mode, digest)
@@ -183,7 +187,7 @@ class Plans:
 
     def plan(self, tenant: Tenant, raw: bytes, headers: Headers) -> Plan:
         """The plan of an execute whose body is `raw` (400 for JSON that is not)."""
-        cache_control = ", ".join(headers.getlist("cache-control")) or None
+        cache_control = _cache_control(headers)
         key = (id(tenant), raw, cache_control, self._catalog.version)
         entry = self._entries.get(key)
         if entry is not None and entry[0] is tenant:
@@ -446,7 +450,7 @@ def answer(
     body = result.body
     headers = raw_headers(admission.headers)  # as Starlette orders them: given, then its own
     headers += (
-        (b"x-cache", _X_CACHE[result.cache]),
+        (b"x-cache", result.cache.encode()),
         (b"content-length", str(len(body)).encode()),
         (b"content-type", b"application/json"),
     )

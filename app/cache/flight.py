@@ -450,9 +450,7 @@ class SingleFlight:
                 wake_up = _encode_error(exc)
                 raise
             if claim is None:
-                stored = await self._deliver(answer, on_result)
-                if not (stored and answer.cacheable):
-                    wake_up = _encode_answer(answer)
+                wake_up = await self._store(answer, on_result)
             elif not answer.cacheable:
                 wake_up = _encode_answer(answer)  # the claim's landing stores what is cacheable
             return answer
@@ -461,10 +459,15 @@ class SingleFlight:
             if claim is None or not await self._land(claim, answer, wake_up):
                 if claim is not None and answer is not None:
                     # Landing alone: the claim's request is gone, its finish done already.
-                    stored = await self._deliver(answer, on_result)
-                    if not (stored and answer.cacheable):
-                        wake_up = _encode_answer(answer)
+                    wake_up = await self._store(answer, on_result)
                 await self._unlock(flight, token, wake_up)
+
+    async def _store(
+        self, answer: UpstreamAnswer, on_result: Callable[[UpstreamAnswer], Awaitable[None]] | None
+    ) -> bytes:
+        """Hand `answer` to `on_result`; the wake-up to publish: the answer itself unless stored."""
+        stored = await self._deliver(answer, on_result)
+        return _WAKE if stored and answer.cacheable else _encode_answer(answer)
 
     @staticmethod
     async def _land(claim: Claim, answer: UpstreamAnswer | None, wake_up: bytes) -> bool:
